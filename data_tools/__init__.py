@@ -1,0 +1,1 @@
+"""Turn image-caption collections into WebDataset tar shards (img2dataset layout)."""
