@@ -1,0 +1,105 @@
+"""Atomic, resumable DeepSpeed checkpoints.
+
+A checkpoint is a tag directory ``step_00001000/`` holding DeepSpeed's files (model, ZeRO
+optimizer shards, scheduler, client state) plus one ``rank_XXXXX.pt`` per rank with what
+DeepSpeed does not keep: RNG states and the rank's data-stream position. ``latest`` names the
+newest *complete* tag; it is replaced atomically only after every rank has finished writing
+(DeepSpeed's own ``latest`` is written by rank 0 before the other ranks are done, so it is not
+used). Older tags beyond ``keep`` are removed after ``latest`` moves on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and restores a DeepSpeed engine plus per-rank extras under one directory."""
+
+    def __init__(self, directory: Path, keep: int, rank: int) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        self.rank = rank
+
+    def latest_tag(self) -> str | None:
+        latest = self.directory / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        return tag if (self.directory / tag).is_dir() else None
+
+    def _rank_file(self, tag: str, rank: int | None = None) -> Path:
+        return self.directory / tag / f"rank_{self.rank if rank is None else rank:05d}.pt"
+
+    def save(self, engine: Any, step: int, client_state: dict, rank_state: dict) -> str:
+        """Collective: every rank must call it. Returns the tag written."""
+        tag = tag_for(step)
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
+                               save_latest=False)
+        rank_file = self._rank_file(tag)
+        tmp = rank_file.with_name(rank_file.name + ".tmp")
+        torch.save(rank_state, tmp)
+        os.replace(tmp, rank_file)
+        _barrier()
+        if self.rank == 0:
+            tmp_latest = self.directory / "latest.tmp"
+            tmp_latest.write_text(tag)
+            os.replace(tmp_latest, self.directory / "latest")
+            self._prune(keep_newest=tag)
+        _barrier()
+        return tag
+
+    def _prune(self, keep_newest: str) -> None:
+        tags = sorted(p.name for p in self.directory.iterdir() if TAG_PATTERN.match(p.name))
+        complete = [t for t in tags if t <= keep_newest]
+        for stale in complete[: -self.keep]:
+            shutil.rmtree(self.directory / stale, ignore_errors=True)
+
+    def load(self, engine: Any) -> tuple[dict, dict] | None:
+        """Restore the latest complete checkpoint; ``None`` when there is none."""
+        tag = self.latest_tag()
+        if tag is None:
+            return None
+        load_path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory / tag}")
+        rank_file = self._rank_file(tag)
+        if not rank_file.is_file():
+            raise RuntimeError(
+                f"{rank_file} is missing: the checkpoint was written by a different world size"
+            )
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        return client_state, rank_state
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

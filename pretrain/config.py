@@ -1,0 +1,224 @@
+"""Validated job configuration: YAML file + ``--set a.b=value`` overrides -> pydantic model.
+
+Every job (pretraining, fine-tuning) has one schema. Unknown keys and bad values are rejected
+at load time with a one-line :class:`ConfigError` naming the file and the field path, before
+any process group starts. The resolved config is saved next to the run, and the DeepSpeed JSON
+is derived from it (:mod:`pretrain.deepspeed_config`), never written by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message is one line naming the problem."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- pretraining schema
+class ImageTower(Section):
+    name: str = "davit_tiny"
+    # Architecture overrides passed to the timm entrypoint (e.g. depths, embed_dims, num_heads),
+    # which is how the demo scales DaViT down for a CPU.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    image_size: int = Field(224, ge=32)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    pool: Literal["avg", "abs_attn", "rot_attn"] = "avg"
+    proj: Literal["linear", "mlp"] = "linear"
+    grad_checkpointing: bool = False
+
+
+class TextTower(Section):
+    context_length: int = Field(77, ge=4)
+    vocab_size: int = 49408
+    width: int = Field(512, ge=8)
+    heads: int = Field(8, ge=1)
+    layers: int = Field(12, ge=1)
+    grad_checkpointing: bool = False
+
+
+class ModelConfig(Section):
+    embed_dim: int = Field(512, ge=8)
+    image: ImageTower = Field(default_factory=ImageTower)
+    text: TextTower = Field(default_factory=TextTower)
+
+
+class ShardSetConfig(Section):
+    shards: str
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(Section):
+    # One brace pattern, a list of weighted shard sets, or a mixture YAML file (data_tools.mixture).
+    train: str | list[ShardSetConfig]
+    batch_size: int = Field(..., ge=1, description="micro-batch per rank")
+    workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(2000, ge=1)
+    shuffle_initial: int = Field(500, ge=1)
+    scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale range, as open_clip
+
+
+class TrainConfig(Section):
+    steps: int = Field(..., ge=1)
+    seed: int = 0
+    lr: float = Field(5e-4, gt=0)
+    image_lr: float | None = Field(None, gt=0)  # per-tower overrides of lr
+    text_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    # Accumulation multiplies the samples per optimizer step but NOT the contrastive negative
+    # set: each micro-batch's loss only sees negatives from the same micro-step on all ranks.
+    grad_accum: int = Field(1, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1)
+
+
+class LossConfig(Section):
+    kind: Literal["clip", "siglip"] = "clip"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    max_logit_scale: float = Field(100.0, gt=1)
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[1, 2, 3] = 1
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    offload_optimizer: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "davit-pretrain"
+    entity: str | None = None
+
+
+class LogConfig(Section):
+    every: int = Field(10, ge=1)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    peak_flops_per_device: float | None = Field(None, gt=0)  # for MFU, e.g. 312e12 (A100 bf16)
+    progress: bool = True
+
+
+class CheckpointConfig(Section):
+    every: int = Field(1000, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class PretrainConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    train: TrainConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PretrainConfig:
+        if self.train.warmup_steps >= self.train.steps and self.train.warmup_steps > 0:
+            raise ValueError("train.warmup_steps must be smaller than train.steps")
+        if self.model.text.width % self.model.text.heads:
+            raise ValueError("model.text.width must be divisible by model.text.heads")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+Cfg = TypeVar("Cfg", bound=BaseModel)
+
+
+def resolve_config_path(name: str | Path, kind: str) -> Path:
+    """A path that exists is used as is; a bare name resolves under ``configs/<kind>/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidates = [CONFIG_ROOT / kind / path]
+    if path.suffix not in (".yaml", ".yml"):
+        candidates.append(CONFIG_ROOT / kind / f"{path}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name} (looked in . and {CONFIG_ROOT / kind})")
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (so 3, 1e-3, true)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=100")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = _parse_number(value)
+
+
+def _parse_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; accept it as the number users mean."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].replace("Value error, ", "")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{where}: {message}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_config(
+    schema: type[Cfg], name: str | Path, overrides: list[str] | tuple[str, ...] = (), kind: str = ""
+) -> Cfg:
+    """Read, override and validate a config; raises :class:`ConfigError` with a one-line message."""
+    path = resolve_config_path(name, kind or "")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(str(path), error)) from None
+
+
+def save_config(config: BaseModel, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

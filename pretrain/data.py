@@ -1,0 +1,262 @@
+"""The pretraining data stream: weighted shard sets -> decoded, augmented, tokenized batches.
+
+Design points (DESIGN.md, "Streams, not files"):
+
+* Shards are drawn with replacement from the mixture by a generator seeded per (seed, rank,
+  worker), so every rank and worker has an endless stream whatever the number of shards, and
+  every rank runs the same number of steps (no hang when shards < ranks x workers).
+* The stream is exactly resumable. Everything random is seeded: the shard draw, the shuffle
+  buffer, and each sample's augmentation (seeded from its index in the worker's stream). A
+  worker's position is therefore one number, ``consumed`` (samples taken from its shuffled
+  stream); on resume the worker replays its stream up to that point *without decoding*, which
+  reproduces the shuffle buffer and costs only tar reading. The DataLoader hands out batches
+  round-robin over workers; resuming rotates the workers' roles so that the next batch comes
+  from the same logical worker as in an uninterrupted run.
+* Bad samples (undecodable image, missing caption, unreadable shard) are skipped and counted;
+  the counts travel with every batch and are logged.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import webdataset as wds
+from open_clip.transform import AugmentationCfg, image_transform
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from data_tools.mixture import ShardSet, sample_shards
+from data_tools.shard_writer import IMAGE_EXTENSIONS
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class WorkerPosition:
+    """Where one logical worker is in its stream, and what it has skipped so far."""
+
+    consumed: int = 0
+    bad_samples: int = 0
+    bad_shards: int = 0
+
+
+@dataclass
+class StreamState:
+    """Resumable position of one rank's data stream."""
+
+    micro_batches: int = 0
+    workers: list[WorkerPosition] = field(default_factory=lambda: [WorkerPosition()])
+
+    @property
+    def skipped(self) -> int:
+        return sum(w.bad_samples + w.bad_shards for w in self.workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"micro_batches": self.micro_batches, "workers": [asdict(w) for w in self.workers]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamState:
+        workers = [WorkerPosition(**w) for w in data["workers"]]
+        return cls(micro_batches=int(data["micro_batches"]), workers=workers)
+
+    @classmethod
+    def fresh(cls, num_workers: int) -> StreamState:
+        return cls(workers=[WorkerPosition() for _ in range(max(1, num_workers))])
+
+
+def train_transform(image_size: int, scale: tuple[float, float]) -> Callable:
+    """open_clip's training augmentation (RandomResizedCrop, bicubic, OpenAI normalisation)."""
+    return image_transform(
+        image_size, is_train=True, mean=OPENAI_MEAN, std=OPENAI_STD,
+        aug_cfg=AugmentationCfg(scale=scale),
+    )
+
+
+def eval_transform(image_size: int) -> Callable:
+    return image_transform(image_size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image as RGB; raises on missing or undecodable data (the caller counts it)."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(sample[ext]))
+                image.load()
+            return image.convert("RGB")
+    raise KeyError(f"sample {sample.get('__key__')} has no image")
+
+
+def decode_caption(sample: dict[str, Any]) -> str:
+    caption = sample["txt"].decode("utf-8").strip()
+    if not caption:
+        raise ValueError(f"sample {sample.get('__key__')} has an empty caption")
+    return caption
+
+
+class _ShardErrorCounter:
+    """webdataset handler: count an unreadable shard or tar member and keep going."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        return True
+
+
+def _sample_seed(*parts: int) -> int:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63)
+    return seed
+
+
+class ContrastiveStream(IterableDataset):
+    """Endless batches of ``{"image", "text"}`` for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        shard_sets: list[ShardSet],
+        transform: Callable,
+        tokenize: Callable[[list[str]], torch.Tensor],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        num_workers: int,
+        shuffle_buffer: int,
+        shuffle_initial: int,
+        state: StreamState,
+    ) -> None:
+        super().__init__()
+        if len(state.workers) != max(1, num_workers):
+            raise ValueError("stream state was saved with a different number of data workers")
+        self.shard_sets = shard_sets
+        self.transform = transform
+        self.tokenize = tokenize
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.num_workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_initial = min(shuffle_initial, shuffle_buffer)
+        self.state = state
+
+    def _logical_worker(self) -> int:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        return (physical + self.state.micro_batches) % self.num_workers
+
+    def _shuffled_samples(self, worker: int, errors: _ShardErrorCounter) -> Iterator[dict]:
+        shard_rng = random.Random(f"shards-{self.seed}-{self.rank}-{worker}")
+        urls = ({"url": url} for url in sample_shards(self.shard_sets, shard_rng))
+        samples = tarfile_samples(urls, handler=errors)
+        shuffle_rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{worker}")
+        return wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=shuffle_rng)(samples)
+
+    def _augment(self, image: Image.Image, worker: int, index: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, self.rank, worker, index))
+            return self.transform(image)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = self._logical_worker()
+        start = self.state.workers[worker]
+        errors = _ShardErrorCounter()
+        bad_samples, bad_shards_before_resume = start.bad_samples, None
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        for index, sample in enumerate(self._shuffled_samples(worker, errors)):
+            if index < start.consumed:
+                continue  # replaying up to the resume point: no decoding
+            if bad_shards_before_resume is None:
+                # Errors met while replaying were already counted in the saved state.
+                bad_shards_before_resume = errors.count
+            try:
+                caption = decode_caption(sample)
+                image = self._augment(decode_image(sample), worker, index)
+            except Exception:  # any undecodable sample is skipped and counted, never fatal
+                bad_samples += 1
+                continue
+            images.append(image)
+            captions.append(caption)
+            if len(images) == self.batch_size:
+                position = WorkerPosition(
+                    consumed=index + 1,
+                    bad_samples=bad_samples,
+                    bad_shards=start.bad_shards + errors.count - bad_shards_before_resume,
+                )
+                yield {
+                    "image": torch.stack(images),
+                    "text": self.tokenize(captions),
+                    "worker": worker,
+                    "position": asdict(position),
+                }
+                images, captions = [], []
+
+
+class TrainLoader:
+    """Iterates a rank's batches through a DataLoader and tracks the resumable stream state."""
+
+    def __init__(self, stream: ContrastiveStream, num_workers: int) -> None:
+        self.stream = stream
+        self.state = stream.state
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=4 if num_workers else None,
+            persistent_workers=False,
+        )
+        self._iterator: Iterator | None = None
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        batch = next(self._iterator)
+        self.state.workers[batch.pop("worker")] = WorkerPosition(**batch.pop("position"))
+        self.state.micro_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.to_dict()
+
+
+def build_train_loader(
+    shard_sets: list[ShardSet],
+    tokenize: Callable[[list[str]], torch.Tensor],
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    shuffle_buffer: int,
+    shuffle_initial: int,
+    scale: tuple[float, float],
+    state: StreamState | None = None,
+) -> TrainLoader:
+    stream = ContrastiveStream(
+        shard_sets=shard_sets,
+        transform=train_transform(image_size, scale),
+        tokenize=tokenize,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        shuffle_initial=shuffle_initial,
+        state=state or StreamState.fresh(num_workers),
+    )
+    return TrainLoader(stream, num_workers)

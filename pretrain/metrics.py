@@ -1,0 +1,85 @@
+"""Training metrics: ``metrics.jsonl`` (one JSON object per logged step) and a wandb run.
+
+Only rank 0 writes. wandb is offline unless the config says otherwise, so a run never needs
+a network; ``wandb sync`` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory if there is one, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes / 2**20 if sys.platform != "darwin" else kilobytes / 2**30
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, config: dict, wandb_cfg: Any, enabled: bool,
+                 resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb_run = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        if wandb_cfg.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                mode=wandb_cfg.mode,
+                dir=str(run_dir),
+                config=config,
+                id=_run_id(run_dir),
+                resume="allow",
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines the interrupted run logged after its last checkpoint."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _run_id(run_dir: Path) -> str:
+    """A stable wandb id per run directory, so a resumed run continues the same wandb run."""
+    id_file = Path(run_dir) / "wandb_id.txt"
+    if not id_file.exists():
+        import wandb
+
+        id_file.write_text(wandb.util.generate_id())
+    return id_file.read_text().strip()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
