@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
@@ -47,6 +48,10 @@ def sample_key(shard_index: int, position: int) -> str:
     return f"{shard_index:0{SHARD_DIGITS}d}{position:0{SAMPLE_DIGITS}d}"
 
 
+def tar_path(output_dir: Path, shard_index: int) -> Path:
+    return output_dir / f"{shard_name(shard_index)}.tar"
+
+
 def stats_path(output_dir: Path, shard_index: int) -> Path:
     return output_dir / f"{shard_name(shard_index)}_stats.json"
 
@@ -54,6 +59,15 @@ def stats_path(output_dir: Path, shard_index: int) -> Path:
 def is_complete(output_dir: Path, shard_index: int) -> bool:
     """A shard is complete once its ``_stats.json`` exists (it is written last)."""
     return stats_path(output_dir, shard_index).exists()
+
+
+def read_stats(output_dir: Path, shard_index: int) -> dict[str, Any] | None:
+    """The shard's ``_stats.json``, or None when it is absent or unreadable (incomplete)."""
+    try:
+        stats = json.loads(stats_path(output_dir, shard_index).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -72,58 +86,139 @@ def _atomic_write_bytes(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
+class ShardWriter:
+    """Stream samples into one shard; ``finish`` publishes tar, parquet, then ``_stats.json``.
+
+    The tar is written under ``NNNNN.tar.tmp`` and renamed only when complete, so a build
+    killed at any moment never leaves a file that looks finished but is not; a rebuild simply
+    overwrites the temporary file. Used as a context manager, an exception removes it.
+    """
+
+    def __init__(self, output_dir: Path | str, shard_index: int) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_index = shard_index
+        self.rows: list[dict[str, Any]] = []
+        self._final = tar_path(self.output_dir, shard_index)
+        self._tmp = self._final.with_name(self._final.name + ".tmp")
+        # Closed by finish() or abort(); the writer itself is the context manager.
+        self._tar: tarfile.TarFile | None = tarfile.open(  # noqa: SIM115
+            self._tmp, "w", format=tarfile.GNU_FORMAT
+        )
+
+    def add(self, sample: Sample) -> str:
+        """Append one sample and return the key it was given."""
+        if self._tar is None:
+            raise RuntimeError("shard already finished")
+        position = len(self.rows)
+        if position >= MAX_SAMPLES_PER_SHARD:
+            raise ValueError(f"a shard holds at most {MAX_SAMPLES_PER_SHARD} samples")
+        if sample.image_ext not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image extension {sample.image_ext!r} not in {IMAGE_EXTENSIONS}")
+        key = sample_key(self.shard_index, position)
+        meta = {**sample.meta, "key": key, "caption": sample.caption, "status": "success"}
+        _add_member(self._tar, f"{key}.{sample.image_ext}", sample.image)
+        _add_member(self._tar, f"{key}.txt", sample.caption.encode("utf-8"))
+        _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        self.rows.append(meta)
+        return key
+
+    def finish(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish the shard and return its stats (also written to ``_stats.json``)."""
+        if self._tar is None:
+            raise RuntimeError("shard already finished")
+        self._tar.close()
+        self._tar = None
+        os.replace(self._tmp, self._final)
+        name = shard_name(self.shard_index)
+        _atomic_write_bytes(self.output_dir / f"{name}.parquet", _parquet_bytes(self.rows))
+        stats = {
+            "shard": name,
+            "count": len(self.rows),
+            "successes": len(self.rows),
+            **(extra_stats or {}),
+        }
+        payload = json.dumps(stats, indent=2, sort_keys=True).encode("utf-8")
+        _atomic_write_bytes(stats_path(self.output_dir, self.shard_index), payload)
+        return stats
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 def write_shard(
     output_dir: Path | str,
     shard_index: int,
     samples: Iterable[Sample],
     extra_stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write one shard (tar, parquet, then ``_stats.json``) and return its stats.
+    """Write one shard (tar, parquet, then ``_stats.json``) and return its stats."""
+    with ShardWriter(output_dir, shard_index) as writer:
+        for sample in samples:
+            writer.add(sample)
+        return writer.finish(extra_stats)
 
-    Every file goes to a temporary name first and is renamed when complete, so a build killed
-    at any moment never leaves a file that looks finished but is not.
+
+def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """The metadata rows as parquet, with a schema that any mix of row values fits.
+
+    Nested values are stored as JSON text so every shard has a flat schema, and a column whose
+    rows disagree on type (an extra field that is a number in one manifest row and text in
+    another) is stored as JSON text throughout, rather than failing the shard.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = shard_name(shard_index)
-    tar_path = output_dir / f"{name}.tar"
-    tmp_tar = tar_path.with_name(tar_path.name + ".tmp")
-    rows: list[dict[str, Any]] = []
-    with tarfile.open(tmp_tar, "w", format=tarfile.GNU_FORMAT) as tar:
-        for position, sample in enumerate(samples):
-            if position >= MAX_SAMPLES_PER_SHARD:
-                raise ValueError(f"a shard holds at most {MAX_SAMPLES_PER_SHARD} samples")
-            if sample.image_ext not in IMAGE_EXTENSIONS:
-                raise ValueError(f"image extension {sample.image_ext!r} not in {IMAGE_EXTENSIONS}")
-            key = sample_key(shard_index, position)
-            meta = {"key": key, "caption": sample.caption, "status": "success", **sample.meta}
-            _add_member(tar, f"{key}.{sample.image_ext}", sample.image)
-            _add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
-            _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
-            rows.append(meta)
-    os.replace(tmp_tar, tar_path)
-
-    table = pa.Table.from_pylist([{k: _parquet_value(v) for k, v in r.items()} for r in rows])
+    columns = sorted({name for row in rows for name in row})
+    table = {}
+    for name in columns:
+        values = [_parquet_value(row.get(name)) for row in rows]
+        kinds = {_kind(v) for v in values if v is not None}
+        if len(kinds) > 1:
+            values = [None if v is None else json.dumps(v, sort_keys=True) for v in values]
+        table[name] = values
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    _atomic_write_bytes(output_dir / f"{name}.parquet", sink.getvalue().to_pybytes())
+    pq.write_table(pa.table(table) if rows else pa.table({}), sink)
+    return sink.getvalue().to_pybytes()
 
-    stats = {"shard": name, "count": len(rows), "successes": len(rows), **(extra_stats or {})}
-    _atomic_write_bytes(stats_path(output_dir, shard_index), json.dumps(stats, indent=2).encode())
-    return stats
+
+def _kind(value: Any) -> type:
+    # bool is an int subclass and int widens to float in arrow: treat numbers as one kind.
+    return float if isinstance(value, int | float) and not isinstance(value, bool) else type(value)
 
 
 def _parquet_value(value: Any) -> Any:
-    """Nested metadata goes to parquet as JSON text so every shard has a flat schema."""
     return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
 
 
-def write_sizes(output_dir: Path | str) -> dict[str, int]:
-    """Write ``sizes.json`` from the complete shards' ``_stats.json`` files."""
+def write_sizes(
+    output_dir: Path | str, shard_indices: Iterable[int] | None = None
+) -> dict[str, int]:
+    """Write ``sizes.json`` from complete shards' ``_stats.json`` files.
+
+    With ``shard_indices`` only those shards are listed (a build lists the shards it made, not
+    leftovers of an earlier, larger build in the same folder); otherwise every complete shard.
+    """
     output_dir = Path(output_dir)
+    if shard_indices is None:
+        stats_files = sorted(output_dir.glob("*_stats.json"))
+    else:
+        stats_files = [stats_path(output_dir, index) for index in shard_indices]
     sizes = {}
-    for stats_file in sorted(output_dir.glob("*_stats.json")):
-        stats = json.loads(stats_file.read_text())
+    for stats_file in stats_files:
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
         sizes[f"{stats['shard']}.tar"] = int(stats["count"])
     _atomic_write_bytes(output_dir / "sizes.json", json.dumps(sizes, indent=2).encode())
     return sizes

@@ -1,0 +1,138 @@
+"""Existing WebDataset shards (a tar, a folder of tars, or a brace pattern), to re-shard,
+re-size or filter.
+
+Members are grouped into samples the way webdataset does it: consecutive members sharing the
+name up to the first dot of the basename form one sample, the rest of the name is the field
+(``jpg``, ``txt``, ``json``). Member names are used only for that grouping, never as paths to
+write. An item points at its image by byte offset inside the tar, so the worker that builds
+its shard reads just those bytes; captions and metadata (small) are read while enumerating.
+
+Only local, uncompressed tars are read (what webdataset writers produce). A missing, truncated
+or corrupt tar costs the samples that cannot be read, counted as ``unreadable_input``; every
+complete sample before the damage is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import braceexpand
+
+from data_tools.sources.base import (
+    InvocationError,
+    Item,
+    TarMemberRef,
+    carry_extras,
+    display,
+)
+
+# The image field of a sample, in order of preference.
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "jp2", "avif")
+# Fields of the old .json that describe the old sample rather than the image: regenerated.
+_DROPPED_FIELDS = frozenset({"key", "caption", "status", "error_message", "source_id", "url"})
+_KEY_PATTERN = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Tar paths named by ``spec``: a folder's ``*.tar`` (sorted), or a brace pattern."""
+    if "://" in spec:
+        raise InvocationError(f"only local shards can be read, not {spec}")
+    if os.path.isdir(spec):
+        names = sorted((n for n in os.listdir(spec) if n.endswith(".tar")), key=os.fsencode)
+        paths = [os.path.join(spec, name) for name in names]
+    else:
+        paths = list(braceexpand.braceexpand(spec))
+    if not any(os.path.isfile(path) for path in paths):
+        raise InvocationError(f"no shards found at {spec}")
+    return paths
+
+
+class ShardSource:
+    kind = "shards"
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.paths = expand_shards(spec)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "paths": [os.path.abspath(p) for p in self.paths]}
+
+    def items(self) -> Iterator[Item]:
+        for path in self.paths:
+            yield from _tar_items(path)
+
+
+def _tar_items(path: str) -> Iterator[Item]:
+    label = display(path)
+    try:
+        tar = tarfile.open(path, "r:")  # noqa: SIM115 - closed by the `with tar` below
+    except (OSError, tarfile.TarError):
+        yield Item(source_id=label, skip="unreadable_input")
+        return
+    with tar:
+        members = iter(tar)
+        prefix, group = None, {}
+        while True:
+            try:
+                member = next(members)
+            except StopIteration:
+                break
+            except (OSError, EOFError, tarfile.TarError):
+                if group:
+                    yield _item(tar, path, prefix, group)
+                yield Item(source_id=label, skip="unreadable_input")
+                return
+            match = _KEY_PATTERN.match(member.name)
+            if not member.isfile() or member.issparse() or match is None:
+                continue
+            if match.group(1) != prefix:
+                if group:
+                    yield _item(tar, path, prefix, group)
+                prefix, group = match.group(1), {}
+            group.setdefault(match.group(2).lower(), member)
+        if group:
+            yield _item(tar, path, prefix, group)
+
+
+def _item(tar: tarfile.TarFile, path: str, prefix: str, group: dict[str, tarfile.TarInfo]) -> Item:
+    source_id = f"{display(path)}#{display(prefix)}"
+    try:
+        caption = _read(tar, group["txt"]) if "txt" in group else None
+        meta = _read_json(tar, group["json"]) if "json" in group else {}
+    except (OSError, EOFError, tarfile.TarError):
+        return Item(source_id=source_id, skip="truncated_file")
+    old_id = meta.get("source_id") or meta.get("url")
+    if isinstance(old_id, str) and old_id:
+        source_id = display(old_id)  # keep the provenance of the original sample
+    extra = carry_extras({k: v for k, v in meta.items() if k not in _DROPPED_FIELDS})
+    if caption is None and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    image_field = next((f for f in IMAGE_FIELDS if f in group), None)
+    if image_field is None:
+        return Item(source_id=source_id, extra=extra, skip="missing_file")
+    if caption is None:
+        return Item(source_id=source_id, extra=extra, skip="missing_caption")
+    member = group[image_field]
+    image = TarMemberRef(path, member.offset_data, member.size)
+    return Item(source_id=source_id, image=image, captions=(caption,), extra=extra)
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    data = handle.read() if handle is not None else b""
+    if len(data) != member.size:
+        raise EOFError(f"{member.name} is truncated")
+    return data
+
+
+def _read_json(tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict[str, Any]:
+    try:
+        meta = json.loads(_read(tar, member))
+    except ValueError:
+        return {}  # unreadable old metadata is dropped, the sample itself is still good
+    return meta if isinstance(meta, dict) else {}
