@@ -1,0 +1,127 @@
+"""Throughput of the shard builder against PIL alone doing the same work, in one run.
+
+    python bench/bench_shards.py [--images 400] [--width 1024 --height 768] [--image-size 256]
+
+Generates realistic JPEGs (smooth photographic structure plus sensor-like noise, about the
+file size of a camera photo at that resolution) with captions into a folder, then measures:
+
+* ``pil``: read each file, decode it (JPEG draft mode), convert to RGB, resize to a 256-pixel
+  short side (bicubic), encode JPEG at quality 95 -- the per-image work of the builder with
+  nothing else (no captions, hashing, tar, metadata, parquet, workers);
+* ``builder 1w`` and ``builder 2w``: ``data_tools.build.build`` on the folder with the same
+  settings, end to end (enumeration, worker start-up, writing shards, sizes.json).
+
+Each measurement is repeated (``--repeats``, interleaved so background load hits all of them
+alike) and the best run is reported. Prints images/s and the ratios builder 1w / pil and
+builder 2w / builder 1w.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_tools.build import BuildConfig, build  # noqa: E402
+from data_tools.images import ImageOptions  # noqa: E402
+from data_tools.samples import SampleOptions  # noqa: E402
+from data_tools.sources import SourceSpec  # noqa: E402
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth large-scale colour structure, mid-scale texture and fine noise, like a photo."""
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    texture = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    texture = Image.fromarray(texture).resize((width, height), Image.Resampling.BILINEAR)
+    blended = Image.blend(image, texture, 0.25)
+    noise = rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(blended) + noise, 0, 255).astype(np.uint8))
+
+
+def generate(folder: Path, count: int, width: int, height: int) -> int:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    total = 0
+    for index in range(count):
+        buffer = io.BytesIO()
+        photo_like(rng, width, height).save(buffer, "JPEG", quality=90)
+        (folder / f"{index:06d}.jpg").write_bytes(buffer.getvalue())
+        (folder / f"{index:06d}.txt").write_text(f"a generated photograph number {index}\n")
+        total += len(buffer.getvalue())
+    return total
+
+
+def pil_alone(folder: Path, image_size: int, quality: int) -> int:
+    """The builder's per-image work in plain PIL: read, draft decode, RGB, resize, encode."""
+    count = 0
+    for path in sorted(folder.glob("*.jpg")):
+        image = Image.open(io.BytesIO(path.read_bytes()))
+        width, height = image.size
+        scale = image_size / min(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image.draft("RGB", size)
+        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        image.save(io.BytesIO(), "JPEG", quality=quality)
+        count += 1
+    return count
+
+
+def builder(folder: Path, output: Path, workers: int, image_size: int, quality: int) -> int:
+    shutil.rmtree(output, ignore_errors=True)
+    options = SampleOptions(image=ImageOptions(image_size=image_size, resize_mode="keep_ratio",
+                                               quality=quality))
+    config = BuildConfig(inputs=(SourceSpec(str(folder)),), output=output, sample=options,
+                         samples_per_shard=100, workers=workers, resume=False, progress=False)
+    return build(config)["samples"]
+
+
+def timed(fn: Callable[[], int]) -> float:
+    start = time.perf_counter()
+    count = fn()
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--quality", type=int, default=95)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
+        folder = Path(tmp) / "images"
+        total = generate(folder, args.images, args.width, args.height)
+        print(f"{args.images} JPEGs {args.width}x{args.height}, mean "
+              f"{total / args.images / 1024:.0f} KiB, resized to a {args.image_size}-pixel short "
+              f"side, JPEG quality {args.quality}")
+        pil_alone(folder, args.image_size, args.quality)  # warm the page cache and PIL
+        runs: dict[str, list[float]] = {"pil": [], "builder 1w": [], "builder 2w": []}
+        for _ in range(args.repeats):
+            runs["pil"].append(timed(lambda: pil_alone(folder, args.image_size, args.quality)))
+            for workers in (1, 2):
+                runs[f"builder {workers}w"].append(timed(lambda w=workers: builder(
+                    folder, Path(tmp) / "out", w, args.image_size, args.quality)))
+        best = {name: max(rates) for name, rates in runs.items()}
+        for name, rates in runs.items():
+            print(f"{name:>11}: {best[name]:7.1f} images/s  (runs: "
+                  f"{', '.join(f'{r:.1f}' for r in rates)})")
+        print(f"builder 1w / pil        = {best['builder 1w'] / best['pil']:.2f}  (target >= 0.85)")
+        print(f"builder 2w / builder 1w = {best['builder 2w'] / best['builder 1w']:.2f}  "
+              "(target >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()
