@@ -67,7 +67,8 @@ def shard_set(pattern: str, weight: float = 1.0) -> ShardSet:
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"shard set {pattern!r}: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}"
+            f"shard set {pattern!r}: {len(missing)} of {len(urls)} shards missing, "
+            f"e.g. {missing[0]}"
         )
     sizes = _read_sizes(urls) if len(local) == len(urls) else None
     return ShardSet(pattern=pattern, weight=float(weight), urls=urls, sizes=sizes)

@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
 
-    from pretrain.engine import Trainer, TrainingAborted
+    from pretrain.clip_trainer import ClipTrainer
+    from pretrain.engine import TrainingAborted
 
     try:
-        outcome = Trainer(cfg, run_dir).train()
+        outcome = ClipTrainer(cfg, run_dir).train()
     except TrainingAborted as error:
         print(f"training aborted: {error}", file=sys.stderr)
         return 1

@@ -28,6 +28,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def check_warmup(warmup_steps: int, steps: int) -> None:
+    if warmup_steps and warmup_steps >= steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must be smaller than steps ({steps})")
+
+
 # --------------------------------------------------------------------------- pretraining schema
 class ImageTower(Section):
     name: str = "davit_tiny"
@@ -48,6 +53,12 @@ class TextTower(Section):
     heads: int = Field(8, ge=1)
     layers: int = Field(12, ge=1)
     grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TextTower:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
 
 
 class ModelConfig(Section):
@@ -87,6 +98,11 @@ class TrainConfig(Section):
     # set: each micro-batch's loss only sees negatives from the same micro-step on all ranks.
     grad_accum: int = Field(1, ge=1)
     max_nonfinite_steps: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        check_warmup(self.warmup_steps, self.steps)
+        return self
 
 
 class LossConfig(Section):
@@ -130,13 +146,6 @@ class PretrainConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
-    @model_validator(mode="after")
-    def _check_consistency(self) -> PretrainConfig:
-        if self.train.warmup_steps >= self.train.steps and self.train.warmup_steps > 0:
-            raise ValueError("train.warmup_steps must be smaller than train.steps")
-        if self.model.text.width % self.model.text.heads:
-            raise ValueError("model.text.width must be divisible by model.text.heads")
-        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import braceexpand
 import torch
 import webdataset as wds
 from open_clip.transform import AugmentationCfg, image_transform
@@ -37,6 +38,14 @@ from data_tools.shard_writer import IMAGE_EXTENSIONS
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def ordered_dataset(pattern: str) -> wds.WebDataset:
+    """Every sample of a shard pattern exactly once, in order, in this process only (evaluation
+    reads the whole split on one rank, so there is no node or worker splitting)."""
+    urls = list(braceexpand.braceexpand(pattern))
+    return wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                          empty_check=False)
 
 
 @dataclass
@@ -121,14 +130,20 @@ def _sample_seed(*parts: int) -> int:
     return seed
 
 
-class ContrastiveStream(IterableDataset):
-    """Endless batches of ``{"image", "text"}`` for one rank; see the module docstring."""
+class ResumableStream(IterableDataset):
+    """Endless batches for one rank from a shard mixture; see the module docstring.
+
+    ``decode(sample, worker, index)`` turns one raw webdataset sample into a tuple of fields
+    (raising on bad data, which is counted and skipped); it runs with the torch RNG seeded from
+    the sample's position, so random augmentation is reproducible. ``collate(list_of_tuples)``
+    turns a full micro-batch into a dict of tensors.
+    """
 
     def __init__(
         self,
         shard_sets: list[ShardSet],
-        transform: Callable,
-        tokenize: Callable[[list[str]], torch.Tensor],
+        decode: Callable[[dict[str, Any]], tuple],
+        collate: Callable[[list[tuple]], dict[str, torch.Tensor]],
         batch_size: int,
         seed: int,
         rank: int,
@@ -141,8 +156,8 @@ class ContrastiveStream(IterableDataset):
         if len(state.workers) != max(1, num_workers):
             raise ValueError("stream state was saved with a different number of data workers")
         self.shard_sets = shard_sets
-        self.transform = transform
-        self.tokenize = tokenize
+        self.decode = decode
+        self.collate = collate
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -163,18 +178,17 @@ class ContrastiveStream(IterableDataset):
         shuffle_rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{worker}")
         return wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=shuffle_rng)(samples)
 
-    def _augment(self, image: Image.Image, worker: int, index: int) -> torch.Tensor:
+    def _decode_seeded(self, sample: dict[str, Any], worker: int, index: int) -> tuple:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(self.seed, self.rank, worker, index))
-            return self.transform(image)
+            return self.decode(sample)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = self._logical_worker()
         start = self.state.workers[worker]
         errors = _ShardErrorCounter()
         bad_samples, bad_shards_before_resume = start.bad_samples, None
-        images: list[torch.Tensor] = []
-        captions: list[str] = []
+        decoded: list[tuple] = []
         for index, sample in enumerate(self._shuffled_samples(worker, errors)):
             if index < start.consumed:
                 continue  # replaying up to the resume point: no decoding
@@ -182,32 +196,44 @@ class ContrastiveStream(IterableDataset):
                 # Errors met while replaying were already counted in the saved state.
                 bad_shards_before_resume = errors.count
             try:
-                caption = decode_caption(sample)
-                image = self._augment(decode_image(sample), worker, index)
+                decoded.append(self._decode_seeded(sample, worker, index))
             except Exception:  # any undecodable sample is skipped and counted, never fatal
                 bad_samples += 1
                 continue
-            images.append(image)
-            captions.append(caption)
-            if len(images) == self.batch_size:
+            if len(decoded) == self.batch_size:
                 position = WorkerPosition(
                     consumed=index + 1,
                     bad_samples=bad_samples,
                     bad_shards=start.bad_shards + errors.count - bad_shards_before_resume,
                 )
-                yield {
-                    "image": torch.stack(images),
-                    "text": self.tokenize(captions),
-                    "worker": worker,
-                    "position": asdict(position),
-                }
-                images, captions = [], []
+                yield {**self.collate(decoded), "worker": worker, "position": asdict(position)}
+                decoded = []
+
+
+class ImageTextDecoder:
+    """Raw sample -> (augmented image tensor, caption)."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        caption = decode_caption(sample)
+        return self.transform(decode_image(sample)), caption
+
+
+class ImageTextCollator:
+    def __init__(self, tokenize: Callable[[list[str]], torch.Tensor]) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
+        images, captions = zip(*items, strict=True)
+        return {"image": torch.stack(images), "text": self.tokenize(list(captions))}
 
 
 class TrainLoader:
     """Iterates a rank's batches through a DataLoader and tracks the resumable stream state."""
 
-    def __init__(self, stream: ContrastiveStream, num_workers: int) -> None:
+    def __init__(self, stream: ResumableStream, num_workers: int) -> None:
         self.stream = stream
         self.state = stream.state
         self.loader = DataLoader(
@@ -247,10 +273,11 @@ def build_train_loader(
     scale: tuple[float, float],
     state: StreamState | None = None,
 ) -> TrainLoader:
-    stream = ContrastiveStream(
+    """The image-text loader of pretraining."""
+    stream = ResumableStream(
         shard_sets=shard_sets,
-        transform=train_transform(image_size, scale),
-        tokenize=tokenize,
+        decode=ImageTextDecoder(train_transform(image_size, scale)),
+        collate=ImageTextCollator(tokenize),
         batch_size=batch_size,
         seed=seed,
         rank=rank,

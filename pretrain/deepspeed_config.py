@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from pretrain.config import DeepSpeedConfig, TrainConfig
+from pretrain.config import DeepSpeedConfig
+
+
+class OptimizerSchedule(Protocol):
+    """The fields of a job's ``train`` section that the DeepSpeed JSON needs."""
+
+    steps: int
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    grad_accum: int
 
 
 def deepspeed_config(
-    ds: DeepSpeedConfig, train: TrainConfig, micro_batch: int, world_size: int
+    ds: DeepSpeedConfig, train: OptimizerSchedule, micro_batch: int, world_size: int
 ) -> dict[str, Any]:
     """The ``deepspeed.initialize`` config for one job.
 

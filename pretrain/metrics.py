@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,7 @@ def _run_id(run_dir: Path) -> str:
     """A stable wandb id per run directory, so a resumed run continues the same wandb run."""
     id_file = Path(run_dir) / "wandb_id.txt"
     if not id_file.exists():
-        import wandb
-
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(uuid.uuid4().hex[:12])
     return id_file.read_text().strip()
 
 

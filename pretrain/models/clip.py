@@ -48,7 +48,7 @@ def register_variant(name: str, overrides: dict[str, Any]) -> str:
 
 
 def build_clip(cfg: ModelConfig, init_logit_bias: float | None = None) -> open_clip.CLIP:
-    """Build the CLIP model of a config (random init; weights come from training or a checkpoint)."""
+    """Build the CLIP model of a config (random init; weights come from training or export)."""
     vision = open_clip.CLIPVisionCfg(
         timm_model_name=register_variant(cfg.image.name, cfg.image.overrides),
         timm_model_pretrained=False,
