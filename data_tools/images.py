@@ -31,10 +31,11 @@ RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border
 OUTPUT_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # Pillow's own default decompression-bomb threshold (about 89.5 megapixels).
 DEFAULT_MAX_PIXELS = 89_478_485
-_CANDIDATE_FORMATS = (
-    "JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO", "JPEG2000", "AVIF",
-)
-SAFE_FORMATS = tuple(f for f in _CANDIDATE_FORMATS if f in Image.registered_extensions().values())
+# Decoders that may be tried on input bytes (MPO, the multi-picture JPEG of phone cameras, is
+# opened by the JPEG decoder). Those missing from this Pillow build are left out.
+_CANDIDATE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO", "JPEG2000", "AVIF")
+Image.init()
+SAFE_FORMATS = tuple(f for f in _CANDIDATE_FORMATS if f in Image.OPEN)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 # EXIF orientation tag values 2..8 and the transposition that makes the image upright.
@@ -102,6 +103,9 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
     except UnidentifiedImageError:
         raise Skip("not_an_image") from None
+    except Image.DecompressionBombError as error:
+        # Pillow's own guard (twice Image.MAX_IMAGE_PIXELS) also caps --max-pixels.
+        raise Skip("too_many_pixels", str(error)) from None
     except Exception as error:  # any header parser failure means a bad file
         raise Skip("corrupt_image", repr(error)) from None
 
@@ -112,21 +116,25 @@ def _convert(image: Image.Image, options: ImageOptions) -> EncodedImage:
         raise Skip("corrupt_image", f"size {image.size}")
     if stored_width * stored_height > options.max_pixels:
         raise Skip("too_many_pixels", f"{stored_width}x{stored_height}")
-    orientation = _orientation(image)
-    swapped = orientation in (5, 6, 7, 8)
-    width, height = (stored_height, stored_width) if swapped else (stored_width, stored_height)
-    _check_filters(width, height, options)
-    scaled = _scaled_size(width, height, options)
-    if _output_pixels(scaled, options) > options.max_pixels:
+    # Size filters and the output size are symmetric in width and height, so they can run on
+    # the stored size before the orientation is known.
+    _check_filters(stored_width, stored_height, options)
+    stored_scaled = _scaled_size(stored_width, stored_height, options)
+    if _output_pixels(stored_scaled, options) > options.max_pixels:
         # A 1x20000 strip brought to a 256-pixel short side would need gigabytes.
-        raise Skip("too_many_pixels", f"resized to {scaled[0]}x{scaled[1]}")
-    if image.format in ("JPEG", "MPO") and scaled[0] < width and scaled[1] < height:
-        image.draft(None, (scaled[1], scaled[0]) if swapped else scaled)
+        raise Skip("too_many_pixels", f"resized to {stored_scaled[0]}x{stored_scaled[1]}")
+    is_jpeg = image.format in ("JPEG", "MPO")
+    if is_jpeg and stored_scaled[0] < stored_width and stored_scaled[1] < stored_height:
+        image.draft(None, stored_scaled)
     _load(image)
+    # Read EXIF only now: for PNG, reading it loads (decodes) the image as a side effect.
+    orientation = _orientation(image)
     for method in _TRANSPOSE.get(orientation, ()):
         image = image.transpose(method)
-    image = to_rgb(image)
-    image = _resize(image, (width, height), scaled, options)
+    swapped = orientation in (5, 6, 7, 8)
+    width, height = (stored_height, stored_width) if swapped else (stored_width, stored_height)
+    scaled = (stored_scaled[1], stored_scaled[0]) if swapped else stored_scaled
+    image = _resize(to_rgb(image), scaled, options)
     return EncodedImage(
         data=_encode(image, options),
         ext=options.output_format,
@@ -204,10 +212,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise Skip("unsupported_image_mode", f"{image.mode}: {error}") from None
 
 
-def _resize(
-    image: Image.Image, full: tuple[int, int], scaled: tuple[int, int], options: ImageOptions
-) -> Image.Image:
-    """Resize ``image`` (possibly already draft-reduced from ``full``) to the output geometry.
+def _resize(image: Image.Image, scaled: tuple[int, int], options: ImageOptions) -> Image.Image:
+    """Resize ``image`` (possibly already draft-reduced) to the output geometry.
 
     Output sizes are computed from the full-resolution size, so they never depend on how much
     the draft decoder happened to reduce.

@@ -1,7 +1,8 @@
 """A folder tree of images with sidecar captions: ``a/b/name.jpg`` + ``a/b/name.txt``.
 
-The tree is walked in byte order of names (directories and files sorted at every level), so the
-order does not depend on the file system, the locale, or how the files were copied. Symbolic
+The tree is walked depth first with the entries of every folder sorted by the bytes of their
+names (files and subfolders together), so the order does not depend on the file system, the
+locale, or how the files were copied. Symbolic
 links to files are followed (the user chose the folder), links to directories are not (no
 cycles). A directory that cannot be listed is counted as one ``unreadable_input``.
 """
@@ -30,30 +31,43 @@ class FolderSource:
         return {"kind": self.kind, "path": os.path.abspath(self.root)}
 
     def items(self) -> Iterator[Item]:
-        errors: list[OSError] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, onerror=errors.append):
-            yield from self._errors(errors)
-            dirnames.sort(key=os.fsencode)
-            present = set(filenames)
-            for name in sorted(filenames, key=os.fsencode):
-                stem, suffix = os.path.splitext(name)
-                if suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                yield self._item(dirpath, name, _sidecar(stem, present))
-        yield from self._errors(errors)
+        # Depth first, entries sorted by name bytes at every level; an explicit stack, so any
+        # nesting depth works.
+        stack = [self._listing(self.root)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+            elif isinstance(entry, Item):
+                yield entry
+            elif entry[0].is_dir(follow_symlinks=False):
+                stack.append(self._listing(entry[0].path))
+            elif (item := self._item(*entry)) is not None:
+                yield item
 
-    def _item(self, dirpath: str, name: str, caption_name: str | None) -> Item:
-        path = os.path.join(dirpath, name)
-        source_id = display(os.path.relpath(path, self.root))
+    def _listing(self, directory: str) -> Iterator[tuple[os.DirEntry, set[str]] | Item]:
+        """A folder's entries in order, each with the set of names beside it (for sidecars)."""
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda e: os.fsencode(e.name))
+        except OSError:
+            yield Item(source_id=display(os.path.relpath(directory, self.root)),
+                       skip="unreadable_input")
+            return
+        names = {entry.name for entry in entries}
+        for entry in entries:
+            yield entry, names
+
+    def _item(self, entry: os.DirEntry, names: set[str]) -> Item | None:
+        stem, suffix = os.path.splitext(entry.name)
+        if suffix.lower() not in IMAGE_SUFFIXES:
+            return None
+        source_id = display(os.path.relpath(entry.path, self.root))
+        caption_name = _sidecar(stem, names)
         if caption_name is None:
             return Item(source_id=source_id, skip="missing_caption")
-        caption_file = os.path.join(dirpath, caption_name)
-        return Item(source_id=source_id, image=FileRef(path), caption_file=caption_file)
-
-    def _errors(self, errors: list[OSError]) -> Iterator[Item]:
-        while errors:
-            error = errors.pop(0)
-            yield Item(source_id=display(str(error.filename)), skip="unreadable_input")
+        caption_file = os.path.join(os.path.dirname(entry.path), caption_name)
+        return Item(source_id=source_id, image=FileRef(entry.path), caption_file=caption_file)
 
 
 def _sidecar(stem: str, present: set[str]) -> str | None:

@@ -19,7 +19,7 @@ import os
 import re
 import tarfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import braceexpand
 
@@ -35,6 +35,7 @@ from data_tools.sources.base import (
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "jp2", "avif")
 # Fields of the old .json that describe the old sample rather than the image: regenerated.
 _DROPPED_FIELDS = frozenset({"key", "caption", "status", "error_message", "source_id", "url"})
+_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
 _KEY_PATTERN = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 
 
@@ -68,35 +69,53 @@ class ShardSource:
 
 
 def _tar_items(path: str) -> Iterator[Item]:
+    """The samples of one tar. Damage (a truncated or corrupt tar) yields the sample it cut as
+    ``truncated_file`` and one ``unreadable_input`` for the tar; samples after it are lost."""
     label = display(path)
     try:
-        tar = tarfile.open(path, "r:")  # noqa: SIM115 - closed by the `with tar` below
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            yield from _members_to_items(handle, tar, path)
     except (OSError, tarfile.TarError):
         yield Item(source_id=label, skip="unreadable_input")
-        return
-    with tar:
-        members = iter(tar)
-        prefix, group = None, {}
-        while True:
-            try:
-                member = next(members)
-            except StopIteration:
-                break
-            except (OSError, EOFError, tarfile.TarError):
-                if group:
-                    yield _item(tar, path, prefix, group)
-                yield Item(source_id=label, skip="unreadable_input")
-                return
-            match = _KEY_PATTERN.match(member.name)
-            if not member.isfile() or member.issparse() or match is None:
-                continue
-            if match.group(1) != prefix:
-                if group:
-                    yield _item(tar, path, prefix, group)
-                prefix, group = match.group(1), {}
-            group.setdefault(match.group(2).lower(), member)
-        if group:
-            yield _item(tar, path, prefix, group)
+
+
+def _members_to_items(handle: BinaryIO, tar: tarfile.TarFile, path: str) -> Iterator[Item]:
+    label = display(path)
+    members = iter(tar)
+    prefix, group = None, {}
+    while True:
+        try:
+            member = next(members)
+        except StopIteration:
+            break
+        except (OSError, EOFError, tarfile.TarError):
+            if group:
+                yield Item(source_id=f"{label}#{display(prefix)}", skip="truncated_file")
+            yield Item(source_id=label, skip="unreadable_input")
+            return
+        match = _KEY_PATTERN.match(member.name)
+        if not member.isfile() or member.issparse() or match is None:
+            continue
+        if match.group(1) != prefix:
+            if group:
+                yield _item(tar, path, prefix, group)
+            prefix, group = match.group(1), {}
+        group.setdefault(match.group(2).lower(), member)
+    if group:
+        yield _item(tar, path, prefix, group)
+    if not ends_cleanly(handle, tar.offset):
+        yield Item(source_id=label, skip="unreadable_input")
+
+
+def ends_cleanly(handle: BinaryIO, offset: int) -> bool:
+    """Whether the tar holds its end-of-archive blocks (zeros) where its last member ends.
+
+    tarfile stops iterating silently at a truncated or garbled header past the first member, so
+    without this check a damaged tar would simply look shorter.
+    """
+    handle.seek(offset)
+    tail = handle.read(_END_OF_ARCHIVE)
+    return len(tail) == _END_OF_ARCHIVE and not tail.strip(b"\0")
 
 
 def _item(tar: tarfile.TarFile, path: str, prefix: str, group: dict[str, tarfile.TarInfo]) -> Item:
