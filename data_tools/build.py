@@ -261,6 +261,7 @@ def _summary(
         "samples": sum(int(s["count"]) for s in shard_stats),
         "skipped": dict(sorted(skipped.items())),
         "stale_shards": _stale_shards(config.output, len(shard_stats)),
+        "built_items": built_items,
         "elapsed_seconds": round(elapsed, 3),
         "items_per_second": round(built_items / elapsed, 1),
     }

@@ -108,8 +108,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"wrote {summary['samples']} samples in {summary['shards']} shards to "
         f"{summary['output']} ({summary['resumed_shards']} shards resumed)",
-        f"input items: {summary['input_items']}, skipped: {sum(summary['skipped'].values())}, "
-        f"{summary['items_per_second']} items/s",
+        f"input items: {summary['input_items']}, skipped: {sum(summary['skipped'].values())}; "
+        f"this run processed {summary['built_items']} items in {summary['elapsed_seconds']:.1f} s "
+        f"({summary['items_per_second']} items/s)",
     ]
     for reason, count in summary["skipped"].items():
         lines.append(f"  skipped {reason}: {count} ({REASONS[reason]})")

@@ -91,11 +91,14 @@ def read_file(path: str, limit: int) -> bytes:
                 raise Skip("unreadable_file", f"{path} is not a regular file")
             if info.st_size > limit:
                 raise Skip("file_too_large", f"{info.st_size} bytes")
-            data = handle.read(limit + 1)
+            # Read exactly the stat size: asking for `limit` bytes would make Python allocate
+            # that much up front on every call (about 1 ms per image at 64 MiB).
+            data = handle.read(info.st_size)
+            grew = handle.read(1)
         except OSError as error:
             raise Skip("unreadable_file", str(error)) from None
-    if len(data) > limit:
-        raise Skip("file_too_large", f"more than {limit} bytes")
+    if grew or len(data) != info.st_size:
+        raise Skip("unreadable_file", f"{path} changed while being read")
     if not data:
         raise Skip("empty_file")
     return data
