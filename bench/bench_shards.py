@@ -1,6 +1,6 @@
 """Throughput of the shard builder against PIL alone doing the same work, in one run.
 
-    python bench/bench_shards.py [--images 400] [--width 1024 --height 768] [--image-size 256]
+    python bench/bench_shards.py [--images 600] [--width 1024 --height 768] [--image-size 256]
 
 Generates realistic JPEGs (smooth photographic structure plus sensor-like noise, about the
 file size of a camera photo at that resolution) with captions into a folder, then measures:
@@ -94,7 +94,7 @@ def timed(fn: Callable[[], int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--image-size", type=int, default=256)

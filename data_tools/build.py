@@ -6,11 +6,11 @@ shards do not depend on scheduling. A skipped item leaves its shard shorter than
 img2dataset) rather than pulling the next item in, which would make every later shard depend on
 every earlier decode.
 
-Resume. A shard is done when its ``_stats.json`` exists and records this build's ``build_id``
-(a hash of the inputs and every option that changes shard content); it is then reused, anything
-else is rebuilt from scratch. Files are written under temporary names and renamed when
-complete (shard_writer), so a build killed at any moment and re-run produces the same shards
-as an uninterrupted one.
+Resume. A shard is done when its ``_stats.json`` exists, records this build's ``build_id`` (a
+hash of the inputs and every option that changes shard content) and the size its tar still has;
+it is then reused, anything else is rebuilt from scratch. Files are written under temporary
+names and renamed when complete (shard_writer), so a build killed at any moment and re-run
+produces the same shards as an uninterrupted one.
 
 Dedup (``--dedup``). A pre-pass hashes every item's bytes, in parallel, and walks the digests
 in input order: the first item holding a given content wins and later ones are skipped as
@@ -209,10 +209,15 @@ def _index(stats: dict[str, Any]) -> int:
 
 
 def _completed_stats(output: Path, index: int, build_id: str) -> dict[str, Any] | None:
+    """The stats of shard ``index`` if this build completed it and its tar is intact in size."""
     stats = read_stats(output, index)
-    if stats is None or stats.get("build_id") != build_id or not tar_path(output, index).exists():
+    if stats is None or stats.get("build_id") != build_id:
         return None
-    return stats
+    try:
+        intact = tar_path(output, index).stat().st_size == stats.get("tar_bytes")
+    except OSError:
+        return None
+    return stats if intact else None
 
 
 def build_shard(task: ShardTask, report: Callable[[int], None]) -> dict[str, Any]:

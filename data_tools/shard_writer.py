@@ -129,6 +129,7 @@ class ShardWriter:
             raise RuntimeError("shard already finished")
         self._tar.close()
         self._tar = None
+        tar_bytes = self._tmp.stat().st_size
         os.replace(self._tmp, self._final)
         name = shard_name(self.shard_index)
         _atomic_write_bytes(self.output_dir / f"{name}.parquet", _parquet_bytes(self.rows))
@@ -136,6 +137,7 @@ class ShardWriter:
             "shard": name,
             "count": len(self.rows),
             "successes": len(self.rows),
+            "tar_bytes": tar_bytes,  # lets a resume notice a shard damaged after it was built
             **(extra_stats or {}),
         }
         payload = json.dumps(stats, indent=2, sort_keys=True).encode("utf-8")

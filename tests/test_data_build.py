@@ -149,6 +149,10 @@ def test_resume_rebuilds_shards_of_a_build_with_other_options(dirty: Path,
     build(["--input", str(dirty), "--output", str(out), *DIRTY_ARGS])
     again = build(["--input", str(dirty), "--output", str(out), *DIRTY_ARGS])
     assert again["resumed_shards"] == again["shards"] == 4
+    with open(out / "00002.tar", "r+b") as tar:  # damaged after the build: rebuilt on resume
+        tar.truncate(2048)
+    repaired = build(["--input", str(dirty), "--output", str(out), *DIRTY_ARGS])
+    assert repaired["resumed_shards"] == 3 and len(read_samples(out)) == len(GOOD)
     changed = build(["--input", str(dirty), "--output", str(out), *DIRTY_ARGS[:-4],
                      "--image-size", "12"])
     assert changed["resumed_shards"] == 0
