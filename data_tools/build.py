@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import queue
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -47,6 +44,7 @@ from data_tools.shard_writer import (
 )
 from data_tools.skips import Skip
 from data_tools.sources import InvocationError, Item, Source, SourceSpec, iter_items, open_source
+from data_tools.workers import WorkerPool
 
 # Bump when the shard content for the same inputs and options changes, so resume rebuilds.
 FORMAT_VERSION = 1
@@ -94,7 +92,7 @@ def build(config: BuildConfig) -> dict[str, Any]:
     sources = [open_source(spec) for spec in config.inputs]
     output = _prepare_output(config.output, sources)
     build_id = fingerprint(config, sources)
-    with _Pool(config.workers) as pool:
+    with WorkerPool(config.workers) as pool:
         duplicates = _find_duplicates(config, sources, pool) if config.dedup else {}
         shard_stats, resumed = _build_shards(config, sources, pool, build_id, duplicates, output)
     write_sizes(output, range(len(shard_stats)))
@@ -144,7 +142,7 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[tuple[int, tuple[Item,
 
 
 def _find_duplicates(config: BuildConfig, sources: list[Source],
-                     pool: _Pool) -> dict[int, frozenset[int]]:
+                     pool: WorkerPool) -> dict[int, frozenset[int]]:
     """Positions, per shard, of items whose bytes an earlier item (in input order) holds."""
     chunks = _chunks(iter_items(sources), config.samples_per_shard)
     tasks = ((index, chunk, config.sample) for index, chunk in chunks)
@@ -180,7 +178,7 @@ def hash_chunk(task: tuple[int, tuple[Item, ...], SampleOptions],
     return index, digests
 
 
-def _build_shards(config: BuildConfig, sources: list[Source], pool: _Pool, build_id: str,
+def _build_shards(config: BuildConfig, sources: list[Source], pool: WorkerPool, build_id: str,
                   duplicates: dict[int, frozenset[int]],
                   output: Path) -> tuple[list[dict[str, Any]], set[int]]:
     stats: dict[int, dict[str, Any]] = {}
@@ -278,84 +276,3 @@ def _stale_shards(output: Path, num_shards: int) -> list[str]:
     return [n.removesuffix("_stats.json") + ".tar" for n in names
             if n.removesuffix("_stats.json").isdigit()
             and int(n.removesuffix("_stats.json")) >= num_shards]
-
-
-class _Pool:
-    """Runs ``fn(task, report)`` inline (1 worker) or in worker processes.
-
-    Workers are started with 'spawn' (no inherited locks or threads). At most two tasks per
-    worker are in flight, so enumeration stays just ahead of the workers and memory is bounded
-    whatever the size of the input. ``report(n)`` advances the progress bar from inside a task.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._executor: ProcessPoolExecutor | None = None
-        self._queue: Any = None
-
-    def __enter__(self) -> _Pool:
-        if self.workers > 1:
-            context = multiprocessing.get_context("spawn")
-            self._queue = context.Queue()
-            self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_init_worker,
-                initargs=(self._queue,),
-            )
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def unordered_map(self, fn: Callable[[Any, Callable[[int], None]], Any],
-                      tasks: Iterable[Any], progress: Callable[[int], None]) -> Iterator[Any]:
-        if self._executor is None:
-            for task in tasks:
-                yield fn(task, progress)
-            return
-        pending: set[Future] = set()
-        tasks = iter(tasks)
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < 2 * self.workers:
-                task = next(tasks, None)
-                if task is None:
-                    exhausted = True
-                else:
-                    pending.add(self._executor.submit(_run_in_worker, fn, task))
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            self._drain(progress)
-            for future in done:
-                yield future.result()
-        self._drain(progress)
-
-    def ordered_map(self, fn: Callable[[Any, Callable[[int], None]], tuple[int, Any]],
-                    tasks: Iterable[Any], progress: Callable[[int], None]) -> Iterator[Any]:
-        """Like :meth:`unordered_map` for tasks returning ``(index, result)``; yields in order."""
-        ready: dict[int, Any] = {}
-        expected = 0
-        for index, result in self.unordered_map(fn, tasks, progress):
-            ready[index] = result
-            while expected in ready:
-                yield expected, ready.pop(expected)
-                expected += 1
-
-    def _drain(self, progress: Callable[[int], None]) -> None:
-        while True:
-            try:
-                progress(self._queue.get_nowait())
-            except queue.Empty:
-                return
-
-
-_worker_queue: Any = None
-
-
-def _init_worker(progress_queue: Any) -> None:
-    global _worker_queue
-    _worker_queue = progress_queue
-
-
-def _run_in_worker(fn: Callable[[Any, Callable[[int], None]], Any], task: Any) -> Any:
-    return fn(task, _worker_queue.put)
-

@@ -17,6 +17,7 @@ formats such as EPS, whose loader runs Ghostscript on the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -125,7 +126,9 @@ def _convert(image: Image.Image, options: ImageOptions) -> EncodedImage:
         raise Skip("too_many_pixels", f"resized to {stored_scaled[0]}x{stored_scaled[1]}")
     is_jpeg = image.format in ("JPEG", "MPO")
     if is_jpeg and stored_scaled[0] < stored_width and stored_scaled[1] < stored_height:
-        image.draft(None, stored_scaled)
+        # Draft is only a speed-up: if it fails the full decode below is still correct.
+        with contextlib.suppress(Exception):
+            image.draft(None, stored_scaled)
     _load(image)
     # Read EXIF only now: for PNG, reading it loads (decodes) the image as a side effect.
     orientation = _orientation(image)
