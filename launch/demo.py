@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_tools.synthetic import write_synthetic_shards  # noqa: E402
+from pretrain.launcher import deepspeed_command  # noqa: E402
 from pretrain.report import format_table, plot_training  # noqa: E402
 
 SPLITS = {  # name: (samples, seed); different seeds give disjoint draws
@@ -30,9 +31,7 @@ SPLITS = {  # name: (samples, seed); different seeds give disjoint draws
 
 
 def run_deepspeed(script: str, args: list[str], num_ranks: int) -> None:
-    """Run a launch script under DeepSpeed's launcher (an argument list, never a shell string)."""
-    launcher = Path(sys.executable).with_name("deepspeed")
-    command = [str(launcher), "--num_gpus", str(num_ranks), f"launch/{script}", *args]
+    command = deepspeed_command(script, args, num_ranks)
     print("+", " ".join(command), flush=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"}
     subprocess.run(command, cwd=ROOT, env=env, check=True)

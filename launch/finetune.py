@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.config import ClassificationConfig  # noqa: E402
@@ -25,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="KEY=VALUE", help="override a config field, e.g. train.steps=100")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="where the run lives (default: runs/finetune/<config name>)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, print it resolved, and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -36,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    if args.check:
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     run_dir = args.run_dir or Path("runs") / "finetune" / Path(args.config).stem
 
     from finetune.classification.trainer import ClassificationTrainer

@@ -38,6 +38,8 @@ def clip_param_groups(task: torch.nn.Module, train: TrainConfig) -> list[dict[st
 
 
 class ClipTrainer(Trainer):
+    progress_label = "pretrain"
+
     def __init__(self, cfg: PretrainConfig, run_dir: Path) -> None:
         super().__init__(cfg, run_dir, micro_batch=cfg.data.batch_size,
                          num_workers=cfg.data.workers)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -230,6 +231,13 @@ class ImageTextCollator:
         return {"image": torch.stack(images), "text": self.tokenize(list(captions))}
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Data workers leave SIGTERM/SIGUSR1 to their rank, which saves a checkpoint and then
+    shuts them down; a worker dying first would abort that save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Iterates a rank's batches through a DataLoader and tracks the resumable stream state."""
 
@@ -242,6 +250,7 @@ class TrainLoader:
             num_workers=num_workers,
             prefetch_factor=4 if num_workers else None,
             persistent_workers=False,
+            worker_init_fn=_ignore_preemption_signals,
         )
         self._iterator: Iterator | None = None
 
@@ -258,6 +267,12 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return self.state.to_dict()
+
+    def close(self) -> None:
+        """Stop the data workers. Needed because they ignore SIGTERM: left running, they would
+        block the interpreter's exit, which joins its child processes."""
+        # Dropping the last reference runs the DataLoader iterator's worker shutdown.
+        self._iterator = None
 
 
 def build_train_loader(

@@ -62,6 +62,7 @@ class Trainer(ABC):
 
     # Training FLOPs per sample (set by a job that knows them, on rank 0) for MFU.
     flops_per_sample: float = 0.0
+    progress_label: str = "train"
 
     def __init__(self, cfg: Any, run_dir: Path, micro_batch: int, num_workers: int) -> None:
         self.cfg = cfg
@@ -154,46 +155,50 @@ class Trainer(ABC):
 
     def train(self) -> str:
         """Run to ``train.steps``; returns ``"completed"`` or ``"preempted"``."""
+        try:
+            outcome = self._train_loop()
+        finally:
+            self.loader.close()
+            self.metrics.close()
+        if outcome == "completed" and self.is_main:
+            self.export()
+        barrier()
+        return outcome
+
+    def _train_loop(self) -> str:
         cfg = self.cfg
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=type(self).__name__,
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=self.progress_label,
                    unit="step", disable=not (self.is_main and cfg.log.progress),
                    dynamic_ncols=True)
         window = _Window()
         consecutive_bad = 0
-        outcome = "completed"
-        while self.step < cfg.train.steps:
-            loss, finite, stop = self.train_step(window)
-            self.step += 1
-            bar.update(1)
-            if finite:
-                consecutive_bad = 0
-            else:
-                self.nonfinite_steps += 1
-                consecutive_bad += 1
-                if consecutive_bad >= cfg.train.max_nonfinite_steps:
-                    bar.close()
-                    self.metrics.close()
-                    raise TrainingAborted(
-                        f"{consecutive_bad} non-finite losses in a row at step {self.step}; "
-                        "stopping without saving (the last checkpoint is intact)")
-            window.add_loss(loss)
-            if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
-                record = self._log_record(window)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                self.metrics.log(record)
-                window = _Window()
-            if stop:
-                outcome = "preempted"
-                self.save()
-                break
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
-                self.save()
-        bar.close()
-        if outcome == "completed" and self.is_main:
-            self.export()
-        barrier()
-        self.metrics.close()
-        return outcome
+        try:
+            while self.step < cfg.train.steps:
+                loss, finite, stop = self.train_step(window)
+                self.step += 1
+                bar.update(1)
+                consecutive_bad = 0 if finite else consecutive_bad + 1
+                if not finite:
+                    self.nonfinite_steps += 1
+                    if consecutive_bad >= cfg.train.max_nonfinite_steps:
+                        raise TrainingAborted(
+                            f"{consecutive_bad} non-finite losses in a row at step "
+                            f"{self.step}; stopping without saving (the last checkpoint is "
+                            "intact)")
+                window.add_loss(loss)
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                    record = self._log_record(window)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    self.metrics.log(record)
+                    window = _Window()
+                if stop:
+                    self.save()
+                    return "preempted"
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
+                    self.save()
+        finally:
+            bar.close()
+        return "completed"
 
     def train_step(self, window: _Window) -> tuple[float, bool, bool]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns (loss, finite, stop).

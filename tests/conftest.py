@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from pretrain.launcher import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +28,7 @@ def shape_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def run_deepspeed(script: str, args: list[str], ranks: int = 2, timeout: int = 600,
                   check: bool = True) -> subprocess.CompletedProcess:
     """Launch ``launch/<script>`` on ``ranks`` local processes with DeepSpeed's launcher."""
-    launcher = Path(sys.executable).with_name("deepspeed")
-    port = str(29500 + os.getpid() % 1000)
-    command = [str(launcher), "--num_gpus", str(ranks), "--master_port", port,
-               str(ROOT / "launch" / script), *args]
+    command = deepspeed_command(script, args, ranks)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)

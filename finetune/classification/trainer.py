@@ -47,6 +47,8 @@ class ClassifierTask(nn.Module):
 
 
 class ClassificationTrainer(Trainer):
+    progress_label = "finetune"
+
     def __init__(self, cfg: ClassificationConfig, run_dir: Path) -> None:
         self.mixup = _build_mixup(cfg)
         super().__init__(cfg, run_dir, micro_batch=cfg.data.batch_size,
