@@ -1,6 +1,6 @@
 """Throughput of the shard builder against PIL alone doing the same work, in one run.
 
-    python bench/bench_shards.py [--images 600] [--width 1024 --height 768] [--image-size 256]
+    python bench/bench_shards.py [--images 800] [--width 1024 --height 768] [--image-size 256]
 
 Generates realistic JPEGs (smooth photographic structure plus sensor-like noise, about the
 file size of a camera photo at that resolution) with captions into a folder, then measures:
@@ -82,7 +82,7 @@ def builder(folder: Path, output: Path, workers: int, image_size: int, quality: 
     options = SampleOptions(image=ImageOptions(image_size=image_size, resize_mode="keep_ratio",
                                                quality=quality))
     config = BuildConfig(inputs=(SourceSpec(str(folder)),), output=output, sample=options,
-                         samples_per_shard=100, workers=workers, resume=False, progress=False)
+                         samples_per_shard=50, workers=workers, resume=False, progress=False)
     return build(config)["samples"]
 
 
@@ -94,7 +94,7 @@ def timed(fn: Callable[[], int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--image-size", type=int, default=256)
