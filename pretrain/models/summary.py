@@ -1,0 +1,93 @@
+"""Parameters and multiply-accumulates of every registered encoder next to the published figures.
+
+    python -m pretrain.models.summary [--published PATH] [--size 224]
+
+Models are built on the meta device, so even DaViT-Giant costs no memory; MACs are counted with
+``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) over one forward pass. Like fvcore,
+it counts convolutions and matrix products and ignores normalisation, activations, softmax and
+``grid_sample``; the papers' "FLOPs" are multiply-accumulates counted the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.models import ENCODERS
+
+DEFAULT_PUBLISHED = Path(__file__).resolve().parents[3] / "shared/reference/published.yaml"
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+
+def measure(name: str, size: int = 224) -> Cost:
+    """Parameter count and MACs of one forward pass of ``name`` on a (1, 3, size, size) input."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+        image = torch.empty(1, 3, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(image)
+    params = sum(p.numel() for p in model.parameters())
+    return Cost(params=params, macs=counter.get_total_flops() // 2)
+
+
+def load_published(path: Path) -> dict[str, dict]:
+    """ImageNet-1k figures per model name (params_m, flops_g in MACs, ...); empty if absent."""
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text())["classification_imagenet1k"]
+
+
+def _relative(ours: float, published: float | None) -> str:
+    if published is None:
+        return "-"
+    return f"{100.0 * (ours - published) / published:+.1f}%"
+
+
+def table(published: dict[str, dict], size: int = 224) -> str:
+    header = (
+        f"{'model':<20}{'params M':>10}{'published':>11}{'diff':>8}"
+        f"{'GMACs':>9}{'published':>11}{'diff':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for name in ENCODERS:
+        cost = measure(name, size)
+        figures = published.get(name, {})
+        params_m, gmacs = cost.params / 1e6, cost.macs / 1e9
+        ref_params, ref_macs = figures.get("params_m"), figures.get("flops_g")
+        lines.append(
+            f"{name:<20}{params_m:>10.2f}{_fmt(ref_params):>11}{_relative(params_m, ref_params):>8}"
+            f"{gmacs:>9.2f}{_fmt(ref_macs):>11}{_relative(gmacs, ref_macs):>8}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--published", type=Path, default=DEFAULT_PUBLISHED)
+    parser.add_argument("--size", type=int, default=224, help="square input side in pixels")
+    args = parser.parse_args(argv)
+    # The published figures are for 224x224 inputs only.
+    published = load_published(args.published) if args.size == 224 else {}
+    if not published:
+        print(f"(no published figures for {args.size}x{args.size}; measurements only)")
+    print(table(published, args.size))
+
+
+if __name__ == "__main__":
+    main()
