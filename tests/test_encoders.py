@@ -10,9 +10,10 @@ import torch
 import yaml
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
+from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.models import ENCODERS
-from pretrain.models.dat import NeighborhoodAttention
+from pretrain.models.dat import NeighborhoodAttention, neighbourhood_macs
 from pretrain.models.summary import measure
 
 PUBLISHED_PATH = Path(__file__).resolve().parents[2] / "shared/reference/published.yaml"
@@ -50,7 +51,11 @@ def test_parameter_count_matches_published(name):
         assert params == published["official_code_params"]
 
 
-@pytest.mark.parametrize("name", [n for n in ENCODERS if "flops_g" in PUBLISHED[n]])
+# tiny and small of every family (the summary prints the base models too; they take longer)
+MAC_CHECKED = [n for n in ENCODERS if "flops_g" in PUBLISHED[n] and "base" not in n]
+
+
+@pytest.mark.parametrize("name", MAC_CHECKED)
 def test_macs_at_224_match_published(name):
     gmacs = measure(name, 224).macs / 1e9
     assert gmacs == pytest.approx(PUBLISHED[name]["flops_g"], rel=0.05)
@@ -282,3 +287,15 @@ def test_neighbourhood_attention_shifts_windows_at_borders():
         torch.testing.assert_close(
             attention(x), _dense_reference(x, attention, inside_shifted_window)
         )
+
+
+def test_masked_mac_accounting_matches_what_the_tiled_attention_executes():
+    attention = NeighborhoodAttention(dim=64, heads=2, kernel_size=7)
+    x = torch.empty(2, 64, 20, 30, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        attention.to("meta")(x)
+    linear_macs = 2 * 20 * 30 * (64 * 192 + 64 * 64)  # qkv and proj
+    executed, exact = neighbourhood_macs(2, 64, 20, 30, 7)
+    assert counter.get_total_flops() // 2 == linear_macs + executed
+    assert exact == 2 * 2 * 64 * 20 * 30 * 49 and executed > exact

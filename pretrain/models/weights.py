@@ -54,7 +54,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _CONTAINER_KEYS = ("state_dict", "model", "module")
-_MAX_LISTED = 25
 
 
 class WeightsMismatchError(RuntimeError):
@@ -160,9 +159,8 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def _listing(title: str, items: list[str]) -> str:
-    shown = "\n  ".join(items[:_MAX_LISTED])
-    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return f"{title} ({len(items)}):\n  {shown}{more}"
+    shown = "\n  ".join(items)
+    return f"{title} ({len(items)}):\n  {shown}"
 
 
 def _check_fit(
