@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import yaml
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.models import ENCODERS
 from pretrain.models.dat import NeighborhoodAttention, neighbourhood_macs
+from pretrain.models.dwnet import DynamicDWConv, PatchMerging
 from pretrain.models.summary import measure
 
 PUBLISHED_PATH = Path(__file__).resolve().parents[2] / "shared/reference/published.yaml"
@@ -299,3 +301,34 @@ def test_masked_mac_accounting_matches_what_the_tiled_attention_executes():
     executed, exact = neighbourhood_macs(2, 64, 20, 30, 7)
     assert counter.get_total_flops() // 2 == linear_macs + executed
     assert exact == 2 * 2 * 64 * 20 * 30 * 49 and executed > exact
+
+
+def test_patch_merging_concatenates_in_swin_order():
+    merge = PatchMerging(dim=1)
+    with torch.no_grad():
+        merge.norm.weight.fill_(1.0)
+        merge.norm.bias.zero_()
+    # a 2x2 map holding 0, 1 / 2, 3: Swin's order is (0,0), (1,0), (0,1), (1,1) -> 0, 2, 1, 3
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    captured = {}
+    merge.norm.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
+    merge(x)
+    assert captured["x"].flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
+
+
+def test_dynamic_depthwise_conv_applies_each_images_own_kernels():
+    torch.manual_seed(0)
+    conv = DynamicDWConv(dim=8, kernel_size=3).eval()
+    with torch.no_grad():
+        conv.bias.normal_()
+        x = torch.randn(3, 8, 5, 6)
+        out = conv(x)
+        for image in range(3):
+            weight = conv.conv2(conv.relu(conv.bn(conv.conv1(conv.pool(x[image : image + 1])))))
+            expected = F.conv2d(
+                x[image : image + 1], weight.view(8, 1, 3, 3), conv.bias, padding=1, groups=8
+            )
+            torch.testing.assert_close(out[image : image + 1], expected)
+        # kernels really differ per image
+        assert not torch.allclose(out[0], F.conv2d(x[:1], weight.view(8, 1, 3, 3), conv.bias,
+                                                    padding=1, groups=8)[0])
