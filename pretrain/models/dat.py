@@ -1,8 +1,9 @@
 """DAT++ (Vision Transformer with Deformable Attention, arXiv 2309.01430) as timm models.
 
 Plain PyTorch: deformable attention samples keys with ``grid_sample`` and the neighbourhood
-attention that the official code takes from NATTEN 0.14 is written here with index gathers, so
-the model runs on CPU and GPU without compiled extensions.
+attention that the official code takes from NATTEN 0.14 is written here as masked dense products
+of query tiles with their key regions, so the model runs on CPU and GPU without compiled
+extensions.
 
 State-dict keys and shapes are those of the official classification checkpoints
 (LeapLabTHU/DAT, stored under ``'model'``): ``patch_proj.*``, ``stages.i.{layer_norms, mlps,
