@@ -39,6 +39,10 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a picture of a {color} {shape} over {background}",
     "{color} {shape}, {background} backdrop",
     "a small drawing of a {shape} coloured {color} on {background}",
+    # Captions that leave the shape's colour out make the shape itself worth encoding: with
+    # colour in every caption, the colour pair alone tells most captions of a batch apart.
+    "a {shape} on a {background} background",
+    "a {shape}",
 )
 
 
@@ -64,7 +68,7 @@ def render(color: str, shape: str, background: str, size: int, rng: random.Rando
     """Draw one shape with random position, size and rotation; colours jittered slightly."""
     image = Image.new("RGB", (size, size), _jitter(COLORS[background], rng))
     draw = ImageDraw.Draw(image)
-    radius = rng.uniform(0.22, 0.4) * size
+    radius = rng.uniform(0.28, 0.42) * size
     cx = rng.uniform(radius, size - radius)
     cy = rng.uniform(radius, size - radius)
     fill = _jitter(COLORS[color], rng)

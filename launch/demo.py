@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from pretrain.report import format_table, plot_training  # noqa: E402
 
 SPLITS = {  # name: (samples, seed); different seeds give disjoint draws
     "train": (4096, 0),
-    "labelled": (1024, 2),
+    "labelled": (2048, 2),
     "heldout": (1024, 1),
 }
 
@@ -45,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     began = time.perf_counter()
     out, data = ROOT / args.out, ROOT / args.data
-    if (out / "pretrain").exists() or (out / "finetune").exists():
-        # A demo is a fresh run; resuming is what --run-dir is for in the real launchers.
-        raise SystemExit(f"{out} exists: remove it (make clean) to run the demo again")
+    if out.exists():
+        # The demo always starts afresh (resuming is what --run-dir does in the real launchers).
+        print(f"removing the previous demo run in {out}", flush=True)
+        shutil.rmtree(out)
 
     print("== 1/4 synthetic data", flush=True)
     patterns = {name: write_synthetic_shards(data / name, count, seed)

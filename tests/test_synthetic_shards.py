@@ -33,7 +33,7 @@ def test_round_trip_through_webdataset(tmp_path: Path) -> None:
         assert sample["jpg"].size == (32, 32)
         assert meta["color"] in COLORS and meta["shape"] in SHAPES
         assert meta["color"] != meta["background"]
-        assert meta["color"] in sample["txt"] and meta["shape"] in sample["txt"]
+        assert meta["shape"] in sample["txt"]
         assert meta["key"] == sample["__key__"]
     assert all((tmp_path / "a" / f"0000{i}_stats.json").is_file() for i in range(3))
 
