@@ -23,7 +23,6 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.skips import Skip
@@ -200,9 +199,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB: alpha over white, 16-bit greyscale scaled to 8 bits."""
     try:
         if image.mode in _SIXTEEN_BIT_MODES:
-            # Pillow's own conversion clips 16-bit values at 255 (a white image); scale instead.
-            pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-            return Image.fromarray(pixels.astype(np.uint8), mode="L").convert("RGB")
+            # Pillow's own conversion clips 16-bit values at 255 (a white image); scale 0..65535
+            # to 0..255 instead (the conversion to L clips what falls outside).
+            wide = image if image.mode == "I" else image.convert("I")
+            return wide.point(lambda value: value / 256).convert("L").convert("RGB")
         if image.mode in _ALPHA_MODES or "transparency" in image.info:
             if image.mode == "La":  # premultiplied; Pillow converts it only to LA
                 image = image.convert("LA")

@@ -1,4 +1,14 @@
-"""Run tasks inline or in worker processes, with bounded look-ahead and a shared progress bar."""
+"""Run shard tasks in ``workers`` processes: this one and ``workers - 1`` spawned ones.
+
+The calling process builds shards too, between keeping the spawned workers supplied. That uses
+the core it would otherwise leave idle while waiting, and it starts working at once, while the
+spawned workers are still starting up (importing Pillow and pyarrow takes about half a second).
+
+Workers are started with 'spawn' (no inherited locks or threads). At most two tasks per spawned
+worker are queued ahead, so enumeration stays just ahead of the workers and memory is bounded
+whatever the size of the input. A task is ``fn(task, report)``; ``report(n)`` advances the
+progress bar from whichever process runs it.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +18,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
+Task = Callable[[Any, Callable[[int], None]], Any]
+_QUEUED_PER_WORKER = 2
+
 
 class WorkerPool:
-    """Runs ``fn(task, report)`` inline (1 worker) or in worker processes.
-
-    Workers are started with 'spawn' (no inherited locks or threads). At most two tasks per
-    worker are in flight, so enumeration stays just ahead of the workers and memory is bounded
-    whatever the size of the input. ``report(n)`` advances the progress bar from inside a task.
-    """
-
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._executor: ProcessPoolExecutor | None = None
@@ -27,7 +33,7 @@ class WorkerPool:
             context = multiprocessing.get_context("spawn")
             self._queue = context.Queue()
             self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_init_worker,
+                self.workers - 1, mp_context=context, initializer=_init_worker,
                 initargs=(self._queue,),
             )
         return self
@@ -36,25 +42,38 @@ class WorkerPool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def unordered_map(self, fn: Callable[[Any, Callable[[int], None]], Any],
-                      tasks: Iterable[Any], progress: Callable[[int], None]) -> Iterator[Any]:
+    def unordered_map(self, fn: Task, tasks: Iterable[Any],
+                      progress: Callable[[int], None]) -> Iterator[Any]:
+        """Results of ``fn`` over ``tasks``, in completion order."""
+        tasks = iter(tasks)
         if self._executor is None:
             for task in tasks:
                 yield fn(task, progress)
             return
+
+        def report_here(count: int) -> None:
+            progress(count)
+            self._drain(progress)
+
         pending: set[Future] = set()
-        tasks = iter(tasks)
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < 2 * self.workers:
+        while True:
+            while len(pending) < _QUEUED_PER_WORKER * (self.workers - 1):
                 task = next(tasks, None)
                 if task is None:
-                    exhausted = True
-                else:
-                    pending.add(self._executor.submit(_run_in_worker, fn, task))
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    break
+                pending.add(self._executor.submit(_run_in_worker, fn, task))
+            finished = {future for future in pending if future.done()}
+            pending -= finished
+            for future in finished:
+                yield future.result()
+            task = next(tasks, None)
+            if task is None:
+                break
+            yield fn(task, report_here)
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             self._drain(progress)
-            for future in done:
+            for future in finished:
                 yield future.result()
         self._drain(progress)
 
@@ -85,6 +104,5 @@ def _init_worker(progress_queue: Any) -> None:
     _worker_queue = progress_queue
 
 
-def _run_in_worker(fn: Callable[[Any, Callable[[int], None]], Any], task: Any) -> Any:
+def _run_in_worker(fn: Task, task: Any) -> Any:
     return fn(task, _worker_queue.put)
-

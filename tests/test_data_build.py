@@ -187,7 +187,7 @@ def test_all_input_kinds_in_one_build(tmp_path: Path) -> None:
     resharded = samples[3:]
     assert len(resharded) == 3
     assert all({"color", "shape", "background"} <= set(s["json"]) for s in resharded)
-    assert all(s["json"]["color"] in s["txt"] and s["jpg"].size == (16, 16) for s in resharded)
+    assert all(s["json"]["shape"] in s["txt"] and s["jpg"].size == (16, 16) for s in resharded)
     per_caption = build(["--input", str(coco), "--output", str(tmp_path / "pc"),
                          "--coco-mode", "per-caption"])
     assert per_caption["samples"] == 2
