@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from data_tools.synthetic import COLORS
 from pretrain.metrics import read_metrics
 from tests.conftest import TINY_MODEL, run_deepspeed
 
@@ -72,12 +73,17 @@ def test_exported_encoder_reloads_with_identical_outputs(pretrain_run: Path) -> 
 
 def test_finetune_from_export(pretrain_run: Path, shape_shards: dict[str, str],
                               tmp_path: Path) -> None:
+    """The fine-tuning path end to end on the colour labels (which a few steps can learn; the
+    demo fine-tunes on shapes, which take longer)."""
     run_dir = tmp_path / "finetune"
+    colors = "[" + ", ".join(COLORS) + "]"
     run_deepspeed("finetune.py", [
         "--config", "demo_shapes", "--run-dir", str(run_dir),
         "--set", f"encoder.weights={pretrain_run / 'export' / 'encoder.pt'}",
         "--set", f"data.train={shape_shards['labelled']}",
         "--set", f"data.val={shape_shards['heldout']}",
+        "--set", "data.label_key=color", "--set", f"data.classes={colors}",
+        "--set", "data.num_classes=8",
         "--set", "data.image_size=32", "--set", "data.batch_size=16",
         "--set", "data.shuffle_buffer=64", "--set", "data.shuffle_initial=16",
         "--set", "train.steps=30", "--set", "train.warmup_steps=3", "--set", "train.lr=2e-3",
@@ -87,9 +93,10 @@ def test_finetune_from_export(pretrain_run: Path, shape_shards: dict[str, str],
     assert len(records) == 30
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
-    assert last < first - 0.05, (first, last)
+    assert last < first - 0.3, (first, last)
     result = json.loads((run_dir / "export" / "eval.json").read_text())
     assert result["samples"] == 192
+    assert result["top1"] > 0.4  # chance is 1/8
     # the exported classifier reloads strictly and reproduces the reported accuracy
     from finetune.classification.evaluate import evaluate_top1
     from finetune.config import ClassificationConfig
