@@ -51,8 +51,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
 
-from pretrain.config import ConfigError, ModelConfig, PretrainConfig, load_config
+from pretrain.config import ModelConfig, PretrainConfig
 from pretrain.deepspeed_config import deepspeed_config
+from pretrain.job_cli import load_or_report
 
 GB = 2**30
 Device = Literal["gpu", "cpu"]
@@ -468,10 +469,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides, kind="pretrain")
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+    cfg = load_or_report(PretrainConfig, args.config, args.overrides, kind="pretrain")
+    if cfg is None:
         return 2
     plan = make_plan(args.config, cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb,
                      args.micro_batch, args.device, args.overhead_gb)

@@ -106,7 +106,7 @@ def test_sigterm_saves_and_exits_cleanly(shape_shards: dict, tmp_path: Path) -> 
         rank.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
-    assert "pretraining preempted" in output
+    assert "pretrain preempted" in output
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert int(tag.removeprefix("step_")) >= 2
     assert not (run_dir / "export").exists()  # unfinished runs are not exported

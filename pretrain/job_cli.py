@@ -1,0 +1,62 @@
+"""What every job's entry point shares: arguments, config loading that fails in one line,
+``--check``, and running a trainer to an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel
+
+from pretrain.config import ConfigError, load_config
+
+Cfg = TypeVar("Cfg", bound=BaseModel)
+
+
+def job_parser(description: str, kind: str, run_root: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help=f"YAML path or name under configs/{kind}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config field, e.g. train.steps=100")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help=f"where the run lives (default: {run_root}/<config name>)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, print it resolved, and exit")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str) -> Cfg | None:
+    """The validated config, or ``None`` after printing the one-line problem to stderr."""
+    try:
+        return load_config(schema, name, overrides, kind=kind)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return None
+
+
+def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cfg],
+            make_trainer: Callable[[Cfg, Path], Any], run_root: Path = Path("runs")) -> int:
+    """Parse, validate (exit 2 on a bad config, before any process group), train."""
+    args = job_parser(description, kind, run_root).parse_args(argv)
+    cfg = load_or_report(schema, args.config, args.overrides, kind)
+    if cfg is None:
+        return 2
+    if args.check:
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    run_dir = args.run_dir or run_root / Path(args.config).stem
+
+    from pretrain.engine import TrainingAborted
+
+    try:
+        outcome = make_trainer(cfg, run_dir).train()
+    except TrainingAborted as error:
+        print(f"training aborted: {error}", file=sys.stderr)
+        return 1
+    print(f"{kind} {outcome} in {run_dir}")
+    return 0
