@@ -62,13 +62,15 @@ def _rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in children if "--local_rank" in " ".join(p.cmdline())]
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stage_trains_and_saves(stage: int, shape_shards: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stage", "loss"), [(1, "siglip"), (3, "clip")])
+def test_zero_stage_trains_and_saves(stage: int, loss: str, shape_shards: dict,
+                                     tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_deepspeed("pretrain.py", _args(run_dir, shape_shards["train"],
                                        "--set", f"deepspeed.zero_stage={stage}",
-                                       "--set", "train.steps=4"))
-    assert len(_losses(run_dir)) == 4
+                                       "--set", f"loss.kind={loss}", "--set", "train.steps=4"))
+    losses = _losses(run_dir)
+    assert len(losses) == 4 and all(value == value for value in losses.values())
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
     assert (run_dir / "export" / "encoder.pt").is_file()
 
