@@ -1,7 +1,7 @@
 """Atomic, resumable DeepSpeed checkpoints.
 
 A checkpoint is a tag directory ``step_00001000/`` holding DeepSpeed's files (model, ZeRO
-optimizer shards, scheduler, client state) plus one ``rank_XXXXX.pt`` per rank with what
+optimizer shards, scheduler, client state) plus one ``rank_<5-digit rank>.pt`` per rank with what
 DeepSpeed does not keep: RNG states and the rank's data-stream position. ``latest`` names the
 newest *complete* tag; it is replaced atomically only after every rank has finished writing
 (DeepSpeed's own ``latest`` is written by rank 0 before the other ranks are done, so it is not
