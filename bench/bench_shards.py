@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing import get_context
-from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from data_tools.images import ImageOptions  # noqa: E402
 from data_tools.samples import SampleOptions  # noqa: E402
 from data_tools.sources import SourceSpec  # noqa: E402
 
+STARTS: set[str] = set()  # how the builder started its workers, reported with the results
 RATIOS = {
     ("builder 1w", "pil"): "target >= 0.85",
     ("builder 2w", "builder 1w"): "target >= 1.6",
@@ -99,10 +99,14 @@ def pil_alone(folder: Path, image_size: int, quality: int, part: int = 0, parts:
     return count
 
 
-def pil_two_processes(pool: Pool, folder: Path, image_size: int, quality: int) -> int:
-    """PIL alone in two already-running processes: the machine's own 2-process scaling."""
+def pil_two_processes(folder: Path, image_size: int, quality: int) -> float:
+    """Images/s of PIL alone in two already-running processes (start-up and warm-up not timed):
+    the machine's own 2-process scaling. The pool is gone when this returns, so its threads
+    cannot change how the builder starts its workers."""
     halves = [(folder, image_size, quality, part, 2) for part in (0, 1)]
-    return sum(pool.starmap(pil_alone, halves))
+    with get_context("spawn").Pool(2) as pool:
+        pool.starmap(pil_alone, [(folder, image_size, quality, part, 40) for part in (0, 1)])
+        return timed(lambda: sum(pool.starmap(pil_alone, halves)))
 
 
 def builder(folder: Path, output: Path, workers: int, image_size: int, quality: int) -> int:
@@ -111,7 +115,9 @@ def builder(folder: Path, output: Path, workers: int, image_size: int, quality: 
                                                quality=quality))
     config = BuildConfig(inputs=(SourceSpec(str(folder)),), output=output, sample=options,
                          samples_per_shard=50, workers=workers, resume=False, progress=False)
-    return build(config)["samples"]
+    summary = build(config)
+    STARTS.add(summary["worker_start"])
+    return summary["samples"]
 
 
 def timed(fn: Callable[[], int]) -> float:
@@ -129,27 +135,25 @@ def main() -> None:
     parser.add_argument("--quality", type=int, default=95)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp, \
-            get_context("spawn").Pool(2) as pool:
+    with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
         folder = Path(tmp) / "images"
         total = generate(folder, args.images, args.width, args.height)
         print(f"{args.images} JPEGs {args.width}x{args.height}, mean "
               f"{total / args.images / 1024:.0f} KiB, resized to a {args.image_size}-pixel short "
               f"side, JPEG quality {args.quality}")
         pil_alone(folder, args.image_size, args.quality)  # warm the page cache and PIL
-        pil_two_processes(pool, folder, args.image_size, args.quality)  # and the two processes
         runs: dict[str, list[float]] = {"pil": [], "pil 2 proc": [], "builder 1w": [],
                                         "builder 2w": []}
         for _ in range(args.repeats):
             runs["pil"].append(timed(lambda: pil_alone(folder, args.image_size, args.quality)))
-            runs["pil 2 proc"].append(timed(lambda: pil_two_processes(
-                pool, folder, args.image_size, args.quality)))
+            runs["pil 2 proc"].append(pil_two_processes(folder, args.image_size, args.quality))
             for workers in (1, 2):
                 runs[f"builder {workers}w"].append(timed(lambda w=workers: builder(
                     folder, Path(tmp) / "out", w, args.image_size, args.quality)))
         for name, rates in runs.items():
             print(f"{name:>11}: median {statistics.median(rates):6.1f} images/s  (runs: "
                   f"{', '.join(f'{r:.1f}' for r in rates)})")
+        print(f"builder workers started by: {', '.join(sorted(STARTS))}")
         for (top, bottom), note in RATIOS.items():
             # Each repeat measures all four back to back, so the per-repeat ratio cancels the
             # slow drifts of a shared machine's speed; the median discards a disturbed repeat.

@@ -97,6 +97,7 @@ def build(config: BuildConfig) -> dict[str, Any]:
         shard_stats, resumed = _build_shards(config, sources, pool, build_id, duplicates, output)
     write_sizes(output, range(len(shard_stats)))
     summary = _summary(config, sources, build_id, shard_stats, resumed, started)
+    summary["worker_start"] = pool.start_method
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -134,6 +135,13 @@ def _prepare_output(output: Path, sources: list[Source]) -> Path:
     return output
 
 
+class _Progress(tqdm):
+    """A tqdm bar without tqdm's monitor thread (it only tunes refresh rates of stalled bars);
+    a leftover thread would make forking workers in a later build of this process unsafe."""
+
+    monitor_interval = 0
+
+
 def _chunks(items: Iterator[Item], size: int) -> Iterator[tuple[int, tuple[Item, ...]]]:
     index = 0
     while chunk := tuple(islice(items, size)):
@@ -148,7 +156,7 @@ def _find_duplicates(config: BuildConfig, sources: list[Source],
     tasks = ((index, chunk, config.sample) for index, chunk in chunks)
     seen: set[bytes] = set()
     duplicates = {}
-    bar = tqdm(desc="dedup: hashing", unit="img", disable=not config.progress)
+    bar = _Progress(desc="dedup: hashing", unit="img", disable=not config.progress)
     for index, digests in pool.ordered_map(hash_chunk, tasks, bar.update):
         positions = set()
         for position, digest in enumerate(digests):
@@ -195,7 +203,7 @@ def _build_shards(config: BuildConfig, sources: list[Source], pool: WorkerPool, 
                             duplicates.get(index, frozenset()), config.sample, str(output),
                             build_id)
 
-    bar = tqdm(desc="building shards", unit="img", disable=not config.progress)
+    bar = _Progress(desc="building shards", unit="img", disable=not config.progress)
     for shard_stats in pool.unordered_map(build_shard, tasks(), bar.update):
         stats[_index(shard_stats)] = shard_stats
     bar.close()

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,15 +88,27 @@ def test_every_bad_input_class_is_skipped_and_counted(dirty: Path, tmp_path: Pat
 
 def test_same_input_gives_byte_identical_shards_for_any_worker_count(
         dirty: Path, tmp_path: Path) -> None:
-    outputs = {}
-    for name, workers in (("a", "1"), ("b", "1"), ("c", "2")):
-        outputs[name] = tmp_path / name
-        build(["--input", str(dirty), "--output", str(outputs[name]), *DIRTY_ARGS,
-               "--workers", workers])
-    def files(out: Path) -> dict[str, bytes]:
+    def run(name: str, workers: str) -> str:
+        args = ["--input", str(dirty), "--output", str(tmp_path / name), *DIRTY_ARGS]
+        return build([*args, "--workers", workers])["worker_start"]
+
+    assert run("a", "1") == run("b", "1") == "inline"
+    assert run("c", "2") == "fork"  # this process has one thread: workers are forked
+    other_thread = threading.Event()
+    waiter = threading.Thread(target=other_thread.wait)
+    waiter.start()
+    try:
+        assert run("d", "3") == "spawn"  # with another thread alive a fork is unsafe
+    finally:
+        other_thread.set()
+        waiter.join()
+
+    def files(name: str) -> dict[str, bytes]:
+        out = tmp_path / name
         return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "summary.json"}
-    assert files(outputs["a"]) == files(outputs["b"]) == files(outputs["c"])
-    assert len(tar_digests(outputs["a"])) == 4  # 20 items at 5 per shard
+
+    assert files("a") == files("b") == files("c") == files("d")
+    assert len(tar_digests(tmp_path / "a")) == 4  # 20 items at 5 per shard
 
 
 KILLER = """
