@@ -8,10 +8,12 @@ file size of a camera photo at that resolution) with captions into a folder, the
 * ``pil``: read each file, decode it (JPEG draft mode), convert to RGB, resize to a 256-pixel
   short side (bicubic), encode JPEG at quality 95 -- the per-image work of the builder with
   nothing else (no captions, hashing, tar, metadata, parquet, workers);
-* ``pil 2 proc``: the same split over two already-running processes (start-up excluded): what
-  this machine gives two processes for this work, the ceiling for ``builder 2w``;
+* ``pil 2 proc``: the same work in two already-running processes taking files as they free up
+  (start-up excluded): what this machine gives two processes, the ceiling for ``builder 2w``;
 * ``builder 1w`` and ``builder 2w``: ``data_tools.build.build`` on the folder with the same
-  settings, end to end (enumeration, worker start-up, writing shards, sizes.json).
+  settings, end to end (enumeration, worker start-up, writing shards, sizes.json), 25 samples
+  per shard: 40 shards stand in for the thousands of a real build, in which the end of the run
+  (one worker finishing the last shard alone) weighs next to nothing.
 
 Each repeat runs the four back to back (``--repeats`` times). Prints the images/s of every run
 and their median, and the ratios builder 1w / pil, builder 2w / builder 1w and pil 2 proc / pil,
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -81,32 +84,33 @@ def generate(folder: Path, count: int, width: int, height: int) -> int:
     return total
 
 
-def pil_alone(folder: Path, image_size: int, quality: int, part: int = 0, parts: int = 1) -> int:
-    """The builder's per-image work in plain PIL: read, draft decode, RGB, resize, encode.
+def pil_one(path: Path, image_size: int, quality: int) -> None:
+    """The builder's per-image work in plain PIL: read, draft decode, RGB, resize, encode."""
+    image = Image.open(io.BytesIO(path.read_bytes()))
+    width, height = image.size
+    scale = image_size / min(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image.draft("RGB", size)
+    image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    image.save(io.BytesIO(), "JPEG", quality=quality)
 
-    With ``parts`` > 1 only every ``parts``-th file from ``part`` on (for the 2-process run).
-    """
-    count = 0
-    for path in sorted(folder.glob("*.jpg"))[part::parts]:
-        image = Image.open(io.BytesIO(path.read_bytes()))
-        width, height = image.size
-        scale = image_size / min(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image.draft("RGB", size)
-        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
-        image.save(io.BytesIO(), "JPEG", quality=quality)
-        count += 1
-    return count
+
+def pil_alone(folder: Path, image_size: int, quality: int) -> int:
+    paths = sorted(folder.glob("*.jpg"))
+    for path in paths:
+        pil_one(path, image_size, quality)
+    return len(paths)
 
 
 def pil_two_processes(folder: Path, image_size: int, quality: int) -> float:
-    """Images/s of PIL alone in two already-running processes (start-up and warm-up not timed):
-    the machine's own 2-process scaling. The pool is gone when this returns, so its threads
-    cannot change how the builder starts its workers."""
-    halves = [(folder, image_size, quality, part, 2) for part in (0, 1)]
+    """Images/s of PIL alone in two already-running processes taking files 10 at a time as they
+    free up (start-up and warm-up not timed): what two processes get from this machine. The pool
+    is gone when this returns, so its threads cannot change how the builder starts workers."""
+    paths = sorted(folder.glob("*.jpg"))
+    work = partial(pil_one, image_size=image_size, quality=quality)
     with get_context("spawn").Pool(2) as pool:
-        pool.starmap(pil_alone, [(folder, image_size, quality, part, 40) for part in (0, 1)])
-        return timed(lambda: sum(pool.starmap(pil_alone, halves)))
+        pool.map(work, paths[:20], chunksize=10)
+        return timed(lambda: len(pool.map(work, paths, chunksize=10)))
 
 
 def builder(folder: Path, output: Path, workers: int, image_size: int, quality: int) -> int:
@@ -114,7 +118,7 @@ def builder(folder: Path, output: Path, workers: int, image_size: int, quality: 
     options = SampleOptions(image=ImageOptions(image_size=image_size, resize_mode="keep_ratio",
                                                quality=quality))
     config = BuildConfig(inputs=(SourceSpec(str(folder)),), output=output, sample=options,
-                         samples_per_shard=50, workers=workers, resume=False, progress=False)
+                         samples_per_shard=25, workers=workers, resume=False, progress=False)
     summary = build(config)
     STARTS.add(summary["worker_start"])
     return summary["samples"]
