@@ -58,7 +58,8 @@ class ClassificationTrain(Section):
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_nonfinite_steps: int = Field(5, ge=1)
+    # Non-finite micro-batches are dropped and replaced; this many in a row abort the run.
+    max_nonfinite_batches: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> ClassificationTrain:

@@ -97,7 +97,8 @@ class TrainConfig(Section):
     # Accumulation multiplies the samples per optimizer step but NOT the contrastive negative
     # set: each micro-batch's loss only sees negatives from the same micro-step on all ranks.
     grad_accum: int = Field(1, ge=1)
-    max_nonfinite_steps: int = Field(5, ge=1)
+    # Non-finite micro-batches are dropped and replaced; this many in a row abort the run.
+    max_nonfinite_batches: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:

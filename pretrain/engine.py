@@ -56,7 +56,7 @@ def barrier() -> None:
 class Trainer(ABC):
     """Runs ``cfg.train.steps`` optimizer steps of a job under DeepSpeed.
 
-    The config must have sections ``train`` (steps, seed, grad_accum, max_nonfinite_steps and
+    The config must have sections ``train`` (steps, seed, grad_accum, max_nonfinite_batches and
     the optimizer fields), ``deepspeed``, ``log`` and ``checkpoint``.
     """
 
@@ -92,7 +92,8 @@ class Trainer(ABC):
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                          self.rank)
         self.step = 0
-        self.nonfinite_steps = 0
+        self.nonfinite_batches = 0  # dropped micro-batches, over the whole run
+        self.nonfinite_in_a_row = 0
         self.loader = self.build_loader(self._resume(num_workers))
         self.metrics = MetricsLogger(self.run_dir, cfg.model_dump(mode="json"), cfg.log.wandb,
                                      enabled=self.is_main, resume_step=self.step)
@@ -133,7 +134,7 @@ class Trainer(ABC):
             return StreamState.fresh(num_workers)
         client_state, rank_state = restored
         self.step = int(client_state["step"])
-        self.nonfinite_steps = int(client_state.get("nonfinite_steps", 0))
+        self.nonfinite_batches = int(client_state.get("nonfinite_batches", 0))
         restore_rng_state(rank_state["rng"])
         if self.is_main:
             print(f"resumed from {self.checkpointer.latest_tag()} at step {self.step}")
@@ -141,7 +142,7 @@ class Trainer(ABC):
 
     def save(self) -> None:
         client_state = {"step": self.step, "samples_seen": self.samples_seen,
-                        "nonfinite_steps": self.nonfinite_steps}
+                        "nonfinite_batches": self.nonfinite_batches}
         rank_state = {"rng": capture_rng_state(), "data": self.loader.state_dict()}
         self.checkpointer.save(self.engine, self.step, client_state, rank_state)
 
@@ -171,20 +172,11 @@ class Trainer(ABC):
                    unit="step", disable=not (self.is_main and cfg.log.progress),
                    dynamic_ncols=True)
         window = _Window()
-        consecutive_bad = 0
         try:
             while self.step < cfg.train.steps:
-                loss, finite, stop = self.train_step(window)
+                loss, stop = self.train_step(window)
                 self.step += 1
                 bar.update(1)
-                consecutive_bad = 0 if finite else consecutive_bad + 1
-                if not finite:
-                    self.nonfinite_steps += 1
-                    if consecutive_bad >= cfg.train.max_nonfinite_steps:
-                        raise TrainingAborted(
-                            f"{consecutive_bad} non-finite losses in a row at step "
-                            f"{self.step}; stopping without saving (the last checkpoint is "
-                            "intact)")
                 window.add_loss(loss)
                 if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
                     record = self._log_record(window)
@@ -200,15 +192,21 @@ class Trainer(ABC):
             bar.close()
         return "completed"
 
-    def train_step(self, window: _Window) -> tuple[float, bool, bool]:
-        """One optimizer step over ``grad_accum`` micro-batches. Returns (loss, finite, stop).
+    def train_step(self, window: _Window) -> tuple[float, bool]:
+        """One optimizer step over ``grad_accum`` finite micro-batches. Returns (loss, stop).
 
         Ranks agree on two flags per micro-batch with one tiny all-reduce: whether any rank's
-        loss is non-finite (then every rank skips that backward, so no update sees it) and
-        whether any rank received a preemption signal.
+        loss is non-finite and whether any rank received a preemption signal. A non-finite
+        micro-batch is dropped on every rank before its backward and replaced by the next
+        one: no update sees it, and DeepSpeed's micro-step count, which places its gradient
+        accumulation boundaries, stays exactly ``grad_accum`` per optimizer step (skipping
+        only the backward would move the boundary into the next step). A preemption signal
+        ends the run after this step.
         """
-        losses, finite, stop = [], True, False
-        for _ in range(self.cfg.train.grad_accum):
+        train = self.cfg.train
+        losses: list[torch.Tensor] = []
+        stop = False
+        while len(losses) < train.grad_accum:
             start = time.perf_counter()
             batch = next(self.loader)
             fetched = time.perf_counter()
@@ -217,14 +215,22 @@ class Trainer(ABC):
                                   1.0 if self._stop_signal is not None else 0.0])
             if self.world_size > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            finite, stop = finite and flags[0] == 0, stop or bool(flags[1])
+            stop = stop or bool(flags[1])
             if flags[0] == 0:
                 self.engine.backward(loss)
                 self.engine.step()
                 losses.append(loss.detach().float())
+                self.nonfinite_in_a_row = 0
+            else:
+                self.nonfinite_batches += 1
+                self.nonfinite_in_a_row += 1
+                if self.nonfinite_in_a_row >= train.max_nonfinite_batches:
+                    raise TrainingAborted(
+                        f"{self.nonfinite_in_a_row} non-finite losses in a row at step "
+                        f"{self.step + 1}; stopping without saving (the last checkpoint is "
+                        "intact)")
             window.add_time(data=fetched - start, compute=time.perf_counter() - fetched)
-        mean = torch.stack(losses).mean() if losses else torch.tensor(math.nan)
-        return float(mean), bool(finite), stop
+        return float(torch.stack(losses).mean()), stop
 
     def to_device(self, tensor: torch.Tensor, floating: bool = False) -> torch.Tensor:
         dtype = self.dtype if floating else None
@@ -251,7 +257,7 @@ class Trainer(ABC):
             "data_wait_fraction": window.data_s / max(busy, 1e-9),
             "peak_memory_gb": peak.item(),
             "skipped_samples": int(sums[2].item()),
-            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_batches": self.nonfinite_batches,
             **self.extra_metrics(),
         }
         peak_flops = self.cfg.log.peak_flops_per_device
@@ -270,9 +276,8 @@ class _Window:
 
     def add_loss(self, loss: float) -> None:
         self.steps += 1
-        if math.isfinite(loss):
-            self.loss_sum += loss
-            self.loss_count += 1
+        self.loss_sum += loss
+        self.loss_count += 1
 
     def add_time(self, data: float, compute: float) -> None:
         self.data_s += data

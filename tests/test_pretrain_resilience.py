@@ -142,7 +142,7 @@ def test_nonfinite_losses_abort_without_damaging_checkpoints(shape_shards: dict,
     run_dir = tmp_path / "run"
     result = run_deepspeed("pretrain.py", _args(
         run_dir, shape_shards["train"], "--set", "train.steps=40", "--set", "train.lr=1e9",
-        "--set", "train.warmup_steps=0", "--set", "train.max_nonfinite_steps=2",
+        "--set", "train.warmup_steps=0", "--set", "train.max_nonfinite_batches=2",
         "--set", "checkpoint.every=1", "--set", "deepspeed.precision=fp32"), check=False)
     assert result.returncode != 0
     assert "2 non-finite losses in a row" in result.stderr + result.stdout
