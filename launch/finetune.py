@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_tools.mixture import load_mixture, shard_set  # noqa: E402
 from finetune.config import ClassificationConfig  # noqa: E402
 from pretrain.job_cli import run_job  # noqa: E402
 
@@ -23,6 +24,15 @@ def make_trainer(cfg: ClassificationConfig, run_dir: Path):  # noqa: ANN201
     return ClassificationTrainer(cfg, run_dir)
 
 
+def check_inputs(cfg: ClassificationConfig) -> None:
+    load_mixture(cfg.data.train)
+    shard_set(cfg.data.val)
+    weights = cfg.encoder.weights
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"encoder.weights: no such file {weights}")
+
+
 if __name__ == "__main__":
     sys.exit(run_job(None, "Fine-tune a pretrained encoder under DeepSpeed", "finetune",
-                     ClassificationConfig, make_trainer, run_root=Path("runs/finetune")))
+                     ClassificationConfig, make_trainer, run_root=Path("runs/finetune"),
+                     check_inputs=check_inputs))

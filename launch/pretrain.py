@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_tools.mixture import load_mixture  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.job_cli import run_job  # noqa: E402
 
@@ -24,6 +25,10 @@ def make_trainer(cfg: PretrainConfig, run_dir: Path):  # noqa: ANN201 (imports D
     return ClipTrainer(cfg, run_dir)
 
 
+def check_inputs(cfg: PretrainConfig) -> None:
+    load_mixture(cfg.data.mixture_spec)  # every shard of every set exists
+
+
 if __name__ == "__main__":
     sys.exit(run_job(None, "CLIP pretraining under DeepSpeed", "pretrain", PretrainConfig,
-                     make_trainer))
+                     make_trainer, check_inputs=check_inputs))

@@ -58,7 +58,7 @@ class ClipTrainer(Trainer):
     def build_loader(self, state: StreamState) -> TrainLoader:
         cfg = self.cfg
         return build_train_loader(
-            shard_sets=load_mixture(_mixture_spec(cfg)),
+            shard_sets=load_mixture(cfg.data.mixture_spec),
             tokenize=build_tokenizer(cfg.model.text.context_length),
             image_size=cfg.model.image.image_size,
             batch_size=cfg.data.batch_size,
@@ -84,7 +84,3 @@ class ClipTrainer(Trainer):
             scale = param.detach().float().exp().clamp(max=self.cfg.loss.max_logit_scale)
         return {"logit_scale": scale.item()}
 
-
-def _mixture_spec(cfg: PretrainConfig) -> str | list:
-    train = cfg.data.train
-    return train if isinstance(train, str) else [s.model_dump() for s in train]

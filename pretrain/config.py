@@ -81,6 +81,11 @@ class DataConfig(Section):
     shuffle_initial: int = Field(500, ge=1)
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale range, as open_clip
 
+    @property
+    def mixture_spec(self) -> str | list[dict]:
+        """``train`` in the form :func:`data_tools.mixture.load_mixture` reads."""
+        return self.train if isinstance(self.train, str) else [s.model_dump() for s in self.train]
+
 
 class TrainConfig(Section):
     steps: int = Field(..., ge=1)

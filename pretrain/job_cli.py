@@ -40,12 +40,25 @@ def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str
 
 
 def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cfg],
-            make_trainer: Callable[[Cfg, Path], Any], run_root: Path = Path("runs")) -> int:
-    """Parse, validate (exit 2 on a bad config, before any process group), train."""
+            make_trainer: Callable[[Cfg, Path], Any], run_root: Path = Path("runs"),
+            check_inputs: Callable[[Cfg], None] | None = None) -> int:
+    """Parse, validate (exit 2 on a bad config or missing input, before any process group),
+    train.
+
+    ``check_inputs`` raises ``FileNotFoundError`` or ``ValueError`` for inputs the config names
+    but the file system lacks (shards, weights), so ``--check`` on a login node and every rank
+    at start-up report them in one line instead of a traceback per rank after start-up.
+    """
     args = job_parser(description, kind, run_root).parse_args(argv)
     cfg = load_or_report(schema, args.config, args.overrides, kind)
     if cfg is None:
         return 2
+    if check_inputs is not None:
+        try:
+            check_inputs(cfg)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"input error: {error}", file=sys.stderr)
+            return 2
     if args.check:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0

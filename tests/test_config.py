@@ -65,3 +65,28 @@ def test_finetune_launcher_rejects_bad_config(tmp_path: Path) -> None:
                      cwd=tmp_path)
     assert result.returncode == 2
     assert "data.num_classes" in result.stderr.strip().splitlines()[-1]
+
+
+def test_missing_shards_are_reported_in_one_line_before_start(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")
+    pattern = str(tmp_path / "shards" / "{00000..00003}.tar")
+    for extra in ([], ["--check"]):
+        result = _launch("pretrain.py", "--config", "demo", "--set", f"data.train={pattern}",
+                         "--run-dir", str(tmp_path / "run"), *extra, cwd=tmp_path)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "3 of 4 shards missing" in lines[0], result.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_finetune_reports_missing_encoder_weights(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(b"")
+    result = _launch("finetune.py", "--config", "demo_shapes",
+                     "--set", f"data.train={shards / '00000.tar'}",
+                     "--set", f"data.val={shards / '00000.tar'}",
+                     "--set", "encoder.weights=missing/encoder.pt", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "input error: encoder.weights: no such file missing/encoder.pt"
