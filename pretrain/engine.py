@@ -10,7 +10,6 @@ runs the same code; rank 0 also logs and exports.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -237,8 +236,8 @@ class Trainer(ABC):
         return tensor.to(self.device, dtype=dtype, non_blocking=True)
 
     def _log_record(self, window: _Window) -> dict[str, Any]:
-        sums = torch.tensor([window.loss_sum, window.loss_count,
-                             float(self.loader.state.skipped)], dtype=torch.float64)
+        sums = torch.tensor([window.loss_sum, float(self.loader.state.skipped)],
+                            dtype=torch.float64)
         peak = torch.tensor([peak_memory_gb()], dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(sums)
@@ -248,7 +247,7 @@ class Trainer(ABC):
         record = {
             "step": self.step,
             "samples_seen": self.samples_seen,
-            "loss": (sums[0] / sums[1]).item() if sums[1] > 0 else math.nan,
+            "loss": (sums[0] / (window.steps * self.world_size)).item(),
             "lr": self.engine.get_lr()[0],
             "samples_per_s": samples_per_s,
             "samples_per_s_per_device": samples_per_s / self.world_size,
@@ -256,7 +255,7 @@ class Trainer(ABC):
             "compute_s": window.compute_s,
             "data_wait_fraction": window.data_s / max(busy, 1e-9),
             "peak_memory_gb": peak.item(),
-            "skipped_samples": int(sums[2].item()),
+            "skipped_samples": int(sums[1].item()),
             "nonfinite_batches": self.nonfinite_batches,
             **self.extra_metrics(),
         }
@@ -271,13 +270,12 @@ class _Window:
 
     def __init__(self) -> None:
         self.began = time.perf_counter()
-        self.loss_sum = self.loss_count = self.steps = 0
+        self.loss_sum = self.steps = 0
         self.data_s = self.compute_s = 0.0
 
     def add_loss(self, loss: float) -> None:
         self.steps += 1
         self.loss_sum += loss
-        self.loss_count += 1
 
     def add_time(self, data: float, compute: float) -> None:
         self.data_s += data
