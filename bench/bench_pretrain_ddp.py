@@ -1,6 +1,6 @@
 """Training throughput of this pipeline against a bare PyTorch DDP loop, in one run.
 
-    python bench/bench_pretrain_ddp.py [--steps 20] [--skip 5] [--repeats 2] [--samples 2048]
+    python bench/bench_pretrain_ddp.py [--steps 40] [--skip 10] [--repeats 3] [--samples 2048]
 
 Both sides train the demo model (configs/pretrain/demo.yaml: DaViT scaled down, small text
 tower, fp32, micro-batch 64 per rank) on 2 CPU ranks over gloo, on the same synthetic shards
@@ -13,7 +13,10 @@ tower, fp32, micro-batch 64 per rank) on 2 CPU ranks over gloo, on the same synt
   parameter groups and gradient clipping, started with ``torch.multiprocessing``; the loop
   open_clip's own trainer runs, minus its logging.
 
-The first ``--skip`` steps (start-up, allocator warm-up, loader fill) are not timed. DeepSpeed's
+The first ``--skip`` steps (start-up, allocator warm-up, loader fill) are not timed: DeepSpeed's
+per-step rate still climbs for about ten steps (120 samples/s at steps 3-6, ~145 from step 14 in
+one run here), so a short window would time warm-up rather than the steady state a long run
+lives in. DeepSpeed's
 rate comes from its per-step ``metrics.jsonl`` records (``log.every=1``); DDP's from the wall
 clock of the timed steps. Both sides get ``OMP_NUM_THREADS=1`` per rank (2 ranks, 2 cores),
 so neither oversubscribes the CPU. The two sides run ``--repeats`` times, interleaved, so that
@@ -151,9 +154,9 @@ def run_ddp(cfg: PretrainConfig, shards: str, steps: int, skip: int) -> float:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="training steps per side")
-    parser.add_argument("--skip", type=int, default=5, help="leading steps left out of timing")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per side")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per side")
+    parser.add_argument("--skip", type=int, default=10, help="leading steps left out of timing")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per side")
     parser.add_argument("--samples", type=int, default=2048, help="synthetic pairs to write")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for both sides")
