@@ -10,7 +10,6 @@ runs the same code; rank 0 also logs and exports.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +25,7 @@ from pretrain.checkpoint import Checkpointer, capture_rng_state, restore_rng_sta
 from pretrain.config import save_config
 from pretrain.data import StreamState, TrainLoader
 from pretrain.deepspeed_config import deepspeed_config
+from pretrain.distributed import barrier, init_distributed
 from pretrain.metrics import MetricsLogger, peak_memory_gb
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -33,23 +33,6 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class TrainingAborted(RuntimeError):
     """The run cannot continue (e.g. too many non-finite losses in a row)."""
-
-
-def init_distributed(backend: str) -> None:
-    """Join the process group the launcher describes (or a group of one without a launcher)."""
-    if dist.is_initialized():
-        return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, value)
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 class Trainer(ABC):

@@ -16,6 +16,7 @@ import pytest
 
 from data_tools.shard_writer import Sample, write_shard, write_sizes
 from data_tools.synthetic import generate
+from pretrain.distributed import SHM_DIR, SHM_PREFIX
 from pretrain.launcher import deepspeed_command
 from pretrain.metrics import read_metrics
 from tests.conftest import ROOT, TINY_MODEL, run_deepspeed
@@ -57,6 +58,10 @@ def _logged_step(run_dir: Path) -> int:
     return records[-1]["step"] if records else 0
 
 
+def _shared_memory_segments() -> set[str]:
+    return {path.name for path in SHM_DIR.glob(f"{SHM_PREFIX}_*")}
+
+
 def _rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
     children = psutil.Process(launcher.pid).children(recursive=True)
     return [p for p in children if "--local_rank" in " ".join(p.cmdline())]
@@ -86,11 +91,14 @@ def test_kill_and_resume_reproduces_losses(shape_shards: dict, tmp_path: Path) -
 
     interrupted = tmp_path / "interrupted"
     args = _args(interrupted, shape_shards["train"], *common)
+    segments_before = _shared_memory_segments()
     process = _start(interrupted, args)
     _wait_for(lambda: _logged_step(interrupted) >= 5, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert (interrupted / "checkpoints" / "latest").read_text() == "step_00000003"
+    # DeepSpeed's CPU all-reduce segments (~66 MB of RAM per rank) die with the job
+    assert _shared_memory_segments() == segments_before
 
     run_deepspeed("pretrain.py", args)
     expected, resumed = _losses(reference), _losses(interrupted)
