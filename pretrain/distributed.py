@@ -8,6 +8,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 # DeepSpeed's CPU backend (deepspeed/ops/csrc/cpu/comm/shm.cpp) names each rank's segment
 # "deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>" under /dev/shm.
@@ -47,7 +48,9 @@ def release_shared_memory_names() -> None:
     unlinks them: every CPU job left them in /dev/shm (RAM), 20 GB after a day of tests here.
     After the barrier every rank has mapped every segment, so the names can go; the mappings
     stay valid and the kernel frees the memory when the last rank exits, even after kill -9.
-    Other backends create no segment, and the unlink finds nothing.
+    GPU accelerators create no segment, so GPU jobs skip the extra barrier.
     """
+    if get_accelerator().device_name() != "cpu":
+        return
     barrier()
     shared_memory_segment(dist.get_rank()).unlink(missing_ok=True)
