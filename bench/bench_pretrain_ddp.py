@@ -16,12 +16,12 @@ tower, fp32, micro-batch 64 per rank) on 2 CPU ranks over gloo, on the same synt
 The first ``--skip`` steps (start-up, allocator warm-up, loader fill) are not timed: DeepSpeed's
 per-step rate still climbs for about ten steps (120 samples/s at steps 3-6, ~145 from step 14 in
 one run here), so a short window would time warm-up rather than the steady state a long run
-lives in. DeepSpeed's
-rate comes from its per-step ``metrics.jsonl`` records (``log.every=1``); DDP's from the wall
-clock of the timed steps. Both sides get ``OMP_NUM_THREADS=1`` per rank (2 ranks, 2 cores),
-so neither oversubscribes the CPU. The two sides run ``--repeats`` times, interleaved, so that
-background load on a shared machine hits both alike. Prints every run's samples/s, the best of
-each side, the ratio of the bests and the median of the per-repeat ratios DeepSpeed / DDP.
+lives in. DeepSpeed's rate comes from its per-step ``metrics.jsonl`` records (``log.every=1``);
+DDP's from the wall clock of the timed steps. Both sides get ``OMP_NUM_THREADS=1`` per rank
+(2 ranks, 2 cores), so neither oversubscribes the CPU. The two sides run ``--repeats`` times,
+interleaved, so that background load on a shared machine hits both alike. Prints every run's
+samples/s, the best of each side, the ratio of the bests and the median of the per-repeat
+ratios DeepSpeed / DDP.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from pretrain.distributed import barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
@@ -79,13 +80,13 @@ class Checkpointer:
         tmp = rank_file.with_name(rank_file.name + ".tmp")
         torch.save(rank_state, tmp)
         os.replace(tmp, rank_file)
-        _barrier()
+        barrier()
         if self.rank == 0:
             tmp_latest = self.directory / "latest.tmp"
             tmp_latest.write_text(tag)
             os.replace(tmp_latest, self.directory / "latest")
             self._prune(keep_newest=tag)
-        _barrier()
+        barrier()
         return tag
 
     def _prune(self, keep_newest: str) -> None:
@@ -109,8 +110,3 @@ class Checkpointer:
             )
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
         return client_state, rank_state
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
