@@ -108,14 +108,16 @@ def _read_samples(tar: tarfile.TarFile, report: ShardReport, fraction: float, se
         match = _KEY_PATTERN.match(member.name)
         if not member.isfile() or match is None:
             continue
-        if match.group(1) != prefix:
+        key, field = match.group(1), match.group(2).lower()
+        if key != prefix or field in group:  # a field seen again: the key repeats
             if group:
                 _check_sample(tar, prefix, group, report, fraction, seed)
-            if match.group(1) in keys:
-                report.problems.append(f"key {match.group(1)} appears twice")
-            prefix, group = match.group(1), {}
+            if key in keys:
+                report.problems.append(f"duplicate key: {key} appears twice (a reader keeps "
+                                       "one of them, or merges them)")
+            prefix, group = key, {}
             keys.add(prefix)
-        group[match.group(2).lower()] = member
+        group[field] = member
     if group:
         _check_sample(tar, prefix, group, report, fraction, seed)
 

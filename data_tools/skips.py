@@ -28,6 +28,7 @@ REASONS: dict[str, str] = {
     "path_outside_root": "the image path is absolute or leaves the data root",
     "unsupported_url": "the image is a URL (download it first, e.g. with img2dataset)",
     "bad_row": "the manifest row could not be parsed",
+    "duplicate_key": "an input tar repeats a sample's key right after it (the first is kept)",
     "unreadable_input": "an input shard could not be read (missing, truncated or corrupt tar)",
 }
 

@@ -4,6 +4,7 @@ webdataset reads back, and one-line errors for bad invocations."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -274,3 +275,26 @@ def test_progress_bar_reports_images_per_second(tmp_path: Path, capsys) -> None:
     captured = capsys.readouterr()
     assert "img/s" in captured.err
     assert "wrote 1 samples in 1 shards" in captured.out
+
+
+def _tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_a_key_repeated_right_after_itself_is_skipped_as_duplicate_key(
+        tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    shard = _tar_of(tmp_path / "dups.tar", [
+        ("dup.jpg", gradient_jpeg((20, 20), seed=1)), ("dup.txt", b"first"),
+        ("dup.jpg", gradient_jpeg((20, 20), seed=2)), ("dup.txt", b"second"),
+        ("other.jpg", gradient_jpeg((20, 20), seed=3)), ("other.txt", b"other"),
+    ])
+    summary = build(["--input", str(shard), "--output", str(tmp_path / "out"),
+                     "--image-size", "16"])
+    assert summary["samples"] == 2 and summary["skipped"] == {"duplicate_key": 1}
+    assert [s["txt"] for s in read_samples(tmp_path / "out")] == ["first", "other"]
+    assert "skipped duplicate_key: 1" in capsys.readouterr().out

@@ -3,6 +3,7 @@ tar, a corrupt image or a wrong count makes it exit non-zero."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -86,3 +87,17 @@ def test_missing_shards_and_no_shards(tmp_path: Path, shards: Path) -> None:
     assert result.returncode == 2
     expected = f"inspect: error: no shards found at {tmp_path}/empty-{{0..2}}.tar"
     assert result.stderr.strip() == expected
+
+
+def test_a_duplicate_key_is_a_problem(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in (("dup.jpg", gradient_jpeg((20, 20))), ("dup.txt", b"first"),
+                              ("dup.jpg", gradient_jpeg((20, 20), 1)), ("dup.txt", b"second")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    result = run(str(shard))
+    assert result.returncode == 1, result.stdout
+    assert "duplicate key: dup appears twice" in result.stdout
+    assert f"{shard}: 2 samples" in result.stdout

@@ -82,7 +82,7 @@ def _tar_items(path: str) -> Iterator[Item]:
 def _members_to_items(handle: BinaryIO, tar: tarfile.TarFile, path: str) -> Iterator[Item]:
     label = display(path)
     members = iter(tar)
-    prefix, group = None, {}
+    prefix, group, repeat = None, {}, False
     while True:
         try:
             member = next(members)
@@ -96,13 +96,15 @@ def _members_to_items(handle: BinaryIO, tar: tarfile.TarFile, path: str) -> Iter
         match = _KEY_PATTERN.match(member.name)
         if not member.isfile() or member.issparse() or match is None:
             continue
-        if match.group(1) != prefix:
+        key, field = match.group(1), match.group(2).lower()
+        if key != prefix or field in group:  # a field seen again starts a sample of its own
             if group:
-                yield _item(tar, path, prefix, group)
-            prefix, group = match.group(1), {}
-        group.setdefault(match.group(2).lower(), member)
+                yield _item_or_repeat(tar, path, prefix, group, repeat)
+            repeat = key == prefix  # the key right after itself: a duplicate, not a sample
+            prefix, group = key, {}
+        group[field] = member
     if group:
-        yield _item(tar, path, prefix, group)
+        yield _item_or_repeat(tar, path, prefix, group, repeat)
     if not ends_cleanly(handle, tar.offset):
         yield Item(source_id=label, skip="unreadable_input")
 
@@ -116,6 +118,15 @@ def ends_cleanly(handle: BinaryIO, offset: int) -> bool:
     handle.seek(offset)
     tail = handle.read(_END_OF_ARCHIVE)
     return len(tail) == _END_OF_ARCHIVE and not tail.strip(b"\0")
+
+
+def _item_or_repeat(tar: tarfile.TarFile, path: str, prefix: str,
+                    group: dict[str, tarfile.TarInfo], repeat: bool) -> Item:
+    """The sample of ``group``; a second sample with the key just before it is a
+    ``duplicate_key`` skip (the first is kept, as webdataset's reader does)."""
+    if repeat:
+        return Item(source_id=f"{display(path)}#{display(prefix)}", skip="duplicate_key")
+    return _item(tar, path, prefix, group)
 
 
 def _item(tar: tarfile.TarFile, path: str, prefix: str, group: dict[str, tarfile.TarInfo]) -> Item:
