@@ -21,11 +21,13 @@ image, plus the duplicates' positions.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -49,6 +51,7 @@ from data_tools.workers import WorkerPool
 # Bump when the shard content for the same inputs and options changes, so resume rebuilds.
 FORMAT_VERSION = 1
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".build.lock"  # held (flock) by the build writing the folder
 _DIGEST_BYTES = 16
 _PROGRESS_EVERY = 16
 
@@ -92,14 +95,35 @@ def build(config: BuildConfig) -> dict[str, Any]:
     sources = [open_source(spec) for spec in config.inputs]
     output = _prepare_output(config.output, sources)
     build_id = fingerprint(config, sources)
-    with WorkerPool(config.workers) as pool:
+    with _exclusive(output), WorkerPool(config.workers) as pool:
         duplicates = _find_duplicates(config, sources, pool) if config.dedup else {}
         shard_stats, resumed = _build_shards(config, sources, pool, build_id, duplicates, output)
-    write_sizes(output, range(len(shard_stats)))
-    summary = _summary(config, sources, build_id, shard_stats, resumed, started)
-    summary["worker_start"] = pool.start_method
-    (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_sizes(output, range(len(shard_stats)))
+        summary = _summary(config, sources, build_id, shard_stats, resumed, started)
+        summary["worker_start"] = pool.start_method
+        (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n",
+                                           encoding="utf-8")
     return summary
+
+
+@contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``output`` for the whole build, or raise at once.
+
+    Two builds writing one folder would interleave their shards and side files. The lock is
+    ``flock`` on a file in the folder: the kernel drops it when the holder dies (kill -9
+    included), so a stale lock never blocks a resume. Forked workers share it while they live.
+    """
+    handle = open(output / LOCK_FILE, "ab")  # noqa: SIM115 - held open for the whole build
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InvocationError(f"another build is writing {output}") from None
+    try:
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def fingerprint(config: BuildConfig, sources: list[Source]) -> str:

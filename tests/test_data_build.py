@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from test_data_helpers import (
     write_pair,
 )
 
-from data_tools import build_shards
+from data_tools import build_shards, inspect
 from data_tools.synthetic import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,3 +299,46 @@ def test_a_key_repeated_right_after_itself_is_skipped_as_duplicate_key(
     assert summary["samples"] == 2 and summary["skipped"] == {"duplicate_key": 1}
     assert [s["txt"] for s in read_samples(tmp_path / "out")] == ["first", "other"]
     assert "skipped duplicate_key: 1" in capsys.readouterr().out
+
+
+PAUSED = """
+import sys, time
+from pathlib import Path
+import data_tools.shard_writer as writer
+from data_tools import build_shards
+go = Path(sys.argv[1])
+finish = writer.ShardWriter.finish
+def finish_when_told(self, extra=None):
+    Path(str(go) + ".waiting").touch()
+    while not go.exists():
+        time.sleep(0.02)
+    return finish(self, extra)
+writer.ShardWriter.finish = finish_when_told
+sys.exit(build_shards.main(sys.argv[2:]))
+"""
+
+
+def test_a_second_build_into_the_same_output_is_refused_while_the_first_runs(
+        dirty: Path, tmp_path: Path) -> None:
+    out, go = tmp_path / "out", tmp_path / "go"
+    args = ["--input", str(dirty), "--output", str(out), *DIRTY_ARGS, "--no-progress"]
+    first = subprocess.Popen([sys.executable, "-c", PAUSED, str(go), *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(str(go) + ".waiting").exists():  # the first build is writing a shard
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "data_tools.build_shards", *args],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"build_shards: error: another build is writing {out}"]
+        first.kill()  # kill -9 while holding the lock: the kernel releases it
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    summary = build(args[:-1])  # not blocked by a stale lock; resumes what was complete
+    assert summary["samples"] == len(GOOD)
+    assert inspect.main([str(out), "--quiet"]) == 0
