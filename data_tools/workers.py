@@ -18,16 +18,22 @@ workers and memory is bounded whatever the size of the input. A task is ``fn(tas
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import queue
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
 Task = Callable[[Any, Callable[[int], None]], Any]
 _QUEUED_PER_WORKER = 2
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_SECONDS = 1.0
 
 
 class WorkerPool:
@@ -45,7 +51,7 @@ class WorkerPool:
             self._queue = context.Queue()
             self._executor = ProcessPoolExecutor(
                 self.workers - 1, mp_context=context, initializer=_init_worker,
-                initargs=(self._queue,),
+                initargs=(self._queue, os.getpid()),
             )
             if fork:
                 # With fork the executor starts every worker at its first task: do it now,
@@ -114,9 +120,38 @@ class WorkerPool:
 _worker_queue: Any = None
 
 
-def _init_worker(progress_queue: Any) -> None:
+def _init_worker(progress_queue: Any, parent_pid: int) -> None:
     global _worker_queue
     _worker_queue = progress_queue
+    _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the build process dies, even by kill -9.
+
+    Otherwise an orphaned worker waits forever on its task pipe (it holds the pipe's write
+    end too, so it never sees end-of-file). On Linux the kernel kills it (PR_SET_PDEATHSIG,
+    which fires when the thread that forked it ends: the pool forks from the build's main
+    thread). Elsewhere, or if prctl fails, a daemon thread polls the parent's pid.
+    """
+    if not (sys.platform == "linux" and _set_parent_death_signal(signal.SIGKILL)):
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(1)
 
 
 def _run_in_worker(fn: Task, task: Any) -> Any:

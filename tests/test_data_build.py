@@ -342,3 +342,56 @@ def test_a_second_build_into_the_same_output_is_refused_while_the_first_runs(
     summary = build(args[:-1])  # not blocked by a stale lock; resumes what was complete
     assert summary["samples"] == len(GOOD)
     assert inspect.main([str(out), "--quiet"]) == 0
+
+
+PARENT_PAUSED = """
+import os, sys, time
+from pathlib import Path
+import data_tools.shard_writer as writer
+from data_tools import build_shards
+go, parent = Path(sys.argv[1]), os.getpid()
+finish = writer.ShardWriter.finish
+def parent_waits(self, extra=None):
+    while os.getpid() == parent and not go.exists():  # forked workers carry on
+        Path(str(go) + ".waiting").touch()
+        time.sleep(0.02)
+    return finish(self, extra)
+writer.ShardWriter.finish = parent_waits
+sys.exit(build_shards.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_workers_die_when_the_build_is_killed(dirty: Path, tmp_path: Path, start: str) -> None:
+    """kill -9 of the build process: its workers (here: one idle, waiting for tasks) follow."""
+    import psutil
+
+    go = tmp_path / "go"
+    args = ["--input", str(dirty), "--output", str(tmp_path / "out"), *DIRTY_ARGS,
+            "--no-progress", "--workers", "2"]
+    script = PARENT_PAUSED if start == "fork" else (  # another thread: workers are spawned
+        "import threading; threading.Thread(target=threading.Event().wait, daemon=True)"
+        ".start()\n" + PARENT_PAUSED)
+    build_process = subprocess.Popen([sys.executable, "-c", script, str(go), *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (Path(str(go) + ".waiting").exists() and workers):
+            assert build_process.poll() is None, build_process.communicate()
+            assert time.monotonic() < deadline, "the build never started its worker"
+            workers = [p for p in psutil.Process(build_process.pid).children()
+                       if "resource_tracker" not in " ".join(p.cmdline())]
+            time.sleep(0.05)
+        assert all(("spawn_main" in " ".join(w.cmdline())) == (start == "spawn")
+                   for w in workers)
+        build_process.kill()
+        build_process.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        assert alive == [], f"workers outlived the killed build: {alive}"
+    finally:
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+        if build_process.poll() is None:
+            build_process.kill()
