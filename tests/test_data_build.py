@@ -242,7 +242,7 @@ def test_paths_from_data_never_leave_their_root_or_name_outputs(tmp_path: Path) 
     assert [s["txt"] for s in read_samples(out)] == ["fine", "evil member"]
     names = {p.name for p in out.iterdir()}
     assert names == {"00000.tar", "00000.parquet", "00000_stats.json", "sizes.json",
-                     "summary.json"}
+                     "summary.json", ".build.lock"}
     assert not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))
 
 
