@@ -10,8 +10,9 @@ config::
 
 or a YAML file holding that list (``data.train: mixture.yaml``). A set is chosen with
 probability proportional to its weight, then one of its shards with probability proportional
-to the shard's sample count (read from the set's ``sizes.json`` when present, else uniform), so
-the weights are fractions of *samples* drawn, not of shards.
+to the shard's sample count (read from the set's ``sizes.json``, else from each shard's
+``_stats.json`` as img2dataset writes them; uniform when neither is there), so the weights are
+fractions of *samples* drawn, not of shards.
 """
 
 from __future__ import annotations
@@ -41,21 +42,45 @@ class ShardSet:
 
 
 def _read_sizes(urls: tuple[str, ...]) -> tuple[int, ...] | None:
-    """Sample counts per shard from ``sizes.json`` beside the shards, when every shard is listed."""
-    sizes_files: dict[Path, dict[str, int]] = {}
+    """Sample counts per shard, or None (uniform draws) when some shard's count is unknown.
+
+    A shard's count comes from ``sizes.json`` beside it, else from its ``_stats.json``
+    (``successes``: img2dataset writes no ``sizes.json``, and its ``count`` is the number of
+    download attempts, failures included).
+    """
+    listed: dict[Path, dict[str, int]] = {}
     counts = []
     for url in urls:
         path = Path(url)
-        sizes_file = path.parent / "sizes.json"
-        if sizes_file not in sizes_files:
-            if not sizes_file.is_file():
-                return None
-            sizes_files[sizes_file] = json.loads(sizes_file.read_text())
-        count = sizes_files[sizes_file].get(path.name)
+        if path.parent not in listed:
+            listed[path.parent] = _sizes_file(path.parent / "sizes.json")
+        count = listed[path.parent].get(path.name)
+        if count is None:
+            count = stats_count(path)
         if count is None:
             return None
-        counts.append(int(count))
+        counts.append(count)
     return tuple(counts)
+
+
+def _sizes_file(sizes_file: Path) -> dict[str, int]:
+    if not sizes_file.is_file():
+        return {}
+    try:
+        sizes = json.loads(sizes_file.read_text(encoding="utf-8"))
+        return {str(name): int(count) for name, count in sizes.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as error:
+        raise ValueError(f"{sizes_file}: unreadable ({error})") from None
+
+
+def stats_count(shard: Path) -> int | None:
+    """Samples written to ``shard`` according to its ``_stats.json``, or None without one."""
+    stats_file = shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
+    try:
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+        return int(stats["successes"] if "successes" in stats else stats["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def shard_set(pattern: str, weight: float = 1.0) -> ShardSet:

@@ -155,13 +155,15 @@ def make_sample(item: Item, options: SampleOptions, reader: ByteReader,
         raise Skip("duplicate")
     encoded = encode_image(data, options.image)
     meta = {
+        # A re-sharded input that records its first download's size passes it as
+        # original_width/height (see sources/shards.py): it wins over the input's own size.
+        "original_width": encoded.original_width,
+        "original_height": encoded.original_height,
         **item.extra,
         "source_id": item.source_id,
         "sha256": hashlib.sha256(data).hexdigest(),
         "width": encoded.width,
         "height": encoded.height,
-        "original_width": encoded.original_width,
-        "original_height": encoded.original_height,
     }
     if len(item.captions) > 1:
         meta["captions"] = captions

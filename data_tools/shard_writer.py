@@ -222,8 +222,15 @@ def write_sizes(
     for stats_file in stats_files:
         stats = json.loads(stats_file.read_text(encoding="utf-8"))
         sizes[f"{stats['shard']}.tar"] = int(stats["count"])
-    _atomic_write_bytes(output_dir / "sizes.json", json.dumps(sizes, indent=2).encode())
+    save_sizes(output_dir, sizes)
     return sizes
+
+
+def save_sizes(output_dir: Path | str, sizes: dict[str, int]) -> Path:
+    """Write ``sizes.json`` (shard basename -> samples) atomically and return its path."""
+    path = Path(output_dir) / "sizes.json"
+    _atomic_write_bytes(path, json.dumps(sizes, indent=2).encode())
+    return path
 
 
 def shard_pattern(output_dir: Path | str, num_shards: int) -> str:

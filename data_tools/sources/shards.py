@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 
 import braceexpand
 
+from data_tools.captions import clean_caption, decode_caption
+from data_tools.skips import Skip
 from data_tools.sources.base import (
     InvocationError,
     Item,
@@ -33,8 +35,14 @@ from data_tools.sources.base import (
 
 # The image field of a sample, in order of preference.
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "jp2", "avif")
-# Fields of the old .json that describe the old sample rather than the image: regenerated.
-_DROPPED_FIELDS = frozenset({"key", "caption", "status", "error_message", "source_id", "url"})
+# Fields of the old .json that describe the old sample's state rather than its content:
+# regenerated (every sample read from a tar was a success). The rest is carried over: ``url``
+# as it is, ``key`` as ``source_key``, ``caption`` as ``source_caption`` where it differs from
+# the caption written, the other names the builder writes itself as ``source_<name>``.
+_DROPPED_FIELDS = frozenset({"status", "error_message", "source_id"})
+# The first download's size (img2dataset's, or an earlier build's) stays the sample's original
+# size; the input image may already be a resized copy of it.
+_ORIGINAL_SIZE = ("original_width", "original_height")
 _END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
 _KEY_PATTERN = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 
@@ -139,9 +147,9 @@ def _item(tar: tarfile.TarFile, path: str, prefix: str, group: dict[str, tarfile
     old_id = meta.get("source_id") or meta.get("url")
     if isinstance(old_id, str) and old_id:
         source_id = display(old_id)  # keep the provenance of the original sample
-    extra = carry_extras({k: v for k, v in meta.items() if k not in _DROPPED_FIELDS})
     if caption is None and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
+    extra = _carried_metadata(meta, caption)
     image_field = next((f for f in IMAGE_FIELDS if f in group), None)
     if image_field is None:
         return Item(source_id=source_id, extra=extra, skip="missing_file")
@@ -150,6 +158,28 @@ def _item(tar: tarfile.TarFile, path: str, prefix: str, group: dict[str, tarfile
     member = group[image_field]
     image = TarMemberRef(path, member.offset_data, member.size)
     return Item(source_id=source_id, image=image, captions=(caption,), extra=extra)
+
+
+def _carried_metadata(meta: dict[str, Any], caption: str | bytes | None) -> dict[str, Any]:
+    """The old .json's fields for the new sample's .json (see ``_DROPPED_FIELDS``)."""
+    fields = {k: v for k, v in meta.items()
+              if k not in _DROPPED_FIELDS and k not in _ORIGINAL_SIZE and k != "caption"}
+    if isinstance(meta.get("caption"), str) and meta["caption"] != _cleaned(caption):
+        fields["source_caption"] = meta["caption"]
+    extra = carry_extras(fields)
+    original = {k: meta[k] for k in _ORIGINAL_SIZE if k in meta}
+    if all(isinstance(original.get(k), int) and original[k] > 0 for k in _ORIGINAL_SIZE):
+        extra.update(original)  # make_sample keeps these instead of measuring the input
+    else:
+        extra.update(carry_extras(original))
+    return extra
+
+
+def _cleaned(caption: str | bytes | None) -> str | None:
+    try:
+        return None if caption is None else clean_caption(decode_caption(caption))
+    except Skip:
+        return None
 
 
 def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
