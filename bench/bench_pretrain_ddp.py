@@ -69,8 +69,8 @@ def run_deepspeed(shards: str, run_dir: Path, steps: int, overrides: list[str]) 
     command = [
         str(launcher), "--num_gpus", str(RANKS), "--master_port", str(free_port()),
         str(ROOT / "launch" / "pretrain.py"), "--config", "demo", "--run-dir", str(run_dir),
-        "--set", f"data.train={shards}", "--set", f"train.steps={steps}",
-        "--set", "train.warmup_steps=1", "--set", "log.every=1", "--set", "log.progress=false",
+        "--set", f"data.train={shards}", "--set", f"schedule.steps={steps}",
+        "--set", "schedule.warmup_steps=1", "--set", "log.every=1", "--set", "log.progress=false",
         "--set", "log.wandb.mode=disabled", "--set", f"checkpoint.every={10 * steps}",
         *[arg for item in overrides for arg in ("--set", item)],
     ]
@@ -98,7 +98,7 @@ def ddp_worker(rank: int, cfg_tree: dict, shards: str, steps: int, skip: int, po
     from open_clip.loss import ClipLoss
     from torch.nn.parallel import DistributedDataParallel
 
-    from pretrain.clip_trainer import clip_param_groups
+    from pretrain.clip_task import clip_param_groups
     from pretrain.data import build_train_loader
     from pretrain.models.clip import build_clip, build_tokenizer
 
@@ -110,9 +110,9 @@ def ddp_worker(rank: int, cfg_tree: dict, shards: str, steps: int, skip: int, po
     model = DistributedDataParallel(clip)
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                        world_size=RANKS)
-    groups = clip_param_groups(torch.nn.ModuleDict({"clip": clip}), cfg.train)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas,
-                                  eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
+    groups = clip_param_groups(torch.nn.ModuleDict({"clip": clip}), cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
+                                  eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
     loader = build_train_loader(
         shard_sets=load_mixture(shards), tokenize=build_tokenizer(cfg.model.text.context_length),
         image_size=cfg.model.image.image_size, batch_size=cfg.data.batch_size,
@@ -130,7 +130,7 @@ def ddp_worker(rank: int, cfg_tree: dict, shards: str, steps: int, skip: int, po
         loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.optimizer.grad_clip)
         optimizer.step()
         with torch.no_grad():
             clip.logit_scale.clamp_(0, max_log_scale)  # as open_clip's trainer does

@@ -1,8 +1,9 @@
 """Write samples into WebDataset tar shards in img2dataset's layout.
 
-Layout (see DESIGN.md): ``00000.tar, 00001.tar, ...``; 9-digit sample keys (5 digits of shard
-index, 4 of position inside the shard); per sample ``.jpg``/``.png``/``.webp``, ``.txt`` and
-``.json``; per shard a ``.parquet`` of the metadata and a ``_stats.json`` written last, whose
+Layout (img2dataset's, so open_clip and DataComp tooling read the shards):
+``00000.tar, 00001.tar, ...``; 9-digit sample keys (5 digits of shard index, 4 of position
+inside the shard); per sample ``.jpg``/``.png``/``.webp``, ``.txt`` and ``.json``; per shard a
+``.parquet`` of the metadata and a ``_stats.json`` written last, whose
 presence marks the shard complete; at the root ``sizes.json`` (shard basename -> samples).
 
 Shards are byte-for-byte deterministic: every tar header field that could vary between runs

@@ -50,6 +50,22 @@ def caption_for(color: str, shape: str, background: str, template: int = 0) -> s
     return CAPTION_TEMPLATES[template].format(color=color, shape=shape, background=background)
 
 
+def zero_shot_prompts(attribute: str) -> tuple[list[str], list[str]]:
+    """Class names and prompt templates ("{}" = the class) for zero-shot ``color`` or ``shape``.
+
+    The templates are the training captions' phrasing with every other attribute filled in (a
+    prompt ensemble, like OpenAI's ImageNet templates)."""
+    if attribute == "color":
+        templates = [caption_for("{}", shape, background)
+                     for shape in SHAPES for background in COLORS]
+        return list(COLORS), templates
+    if attribute == "shape":
+        templates = [caption_for(color, "{}", background)
+                     for color in COLORS for background in COLORS if background != color]
+        return list(SHAPES), templates
+    raise ValueError(f"unknown attribute {attribute!r}: expected 'color' or 'shape'")
+
+
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 18) -> tuple[int, ...]:
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
 

@@ -1,46 +1,54 @@
 """Bring a pretrained encoder into a fine-tuning model.
 
-The encoder comes from this project's pretraining export (``encoder.pt``, which records how to
-rebuild it: timm name + overrides) or from any checkpoint :mod:`pretrain.models.weights`
-understands, with the architecture named in the config.
+The encoder comes from an export of this project (``encoder.pt`` / ``classifier.pt``, whose
+:class:`~pretrain.models.spec.ModelSpec` says how to rebuild it) or from any checkpoint
+:mod:`pretrain.models.weights` understands (official DaViT / DAT++ / DWNet, timm), with the
+architecture named by the caller. Every read goes through that module's safe loader.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
-import pretrain.models  # noqa: F401  (registers this project's encoders with timm)
-from finetune.config import EncoderConfig
-from pretrain.models.weights import load_encoder_weights
+from pretrain.models.spec import ModelSpec, read_spec
+from pretrain.models.weights import check_encoder_weights, load_encoder_weights
 
 
-def encoder_spec(cfg: EncoderConfig) -> tuple[str, dict[str, Any]]:
-    """(timm name, overrides) of the encoder: from the export when it says, else the config."""
-    if cfg.weights is not None:
-        # mmap: read only the small spec now; the tensors are loaded once, by the weight loader.
-        payload = torch.load(cfg.weights, map_location="cpu", weights_only=True, mmap=True)
-        spec = payload.get("encoder") if isinstance(payload, dict) else None
-        if spec is not None:
-            if cfg.name is not None and cfg.name != spec["timm_name"]:
-                raise ValueError(f"encoder.name {cfg.name!r} contradicts {cfg.weights}, which "
-                                 f"holds a {spec['timm_name']!r}")
-            return spec["timm_name"], dict(spec["overrides"])
-    if cfg.name is None:
-        raise ValueError(f"{cfg.weights} does not say which encoder it holds: set encoder.name")
-    return cfg.name, dict(cfg.overrides)
+def resolve_spec(weights: str | None, name: str | None, overrides: dict[str, Any]) -> ModelSpec:
+    """The encoder's spec: from the weights file when it carries one, else ``name``.
+
+    Raises ``ValueError`` when neither says, or when they contradict each other."""
+    spec = read_spec(weights) if weights is not None else None
+    if spec is not None:
+        if name is not None and name != spec.timm_name:
+            raise ValueError(f"encoder.name {name!r} contradicts {weights}, which holds a "
+                             f"{spec.timm_name!r}")
+        return ModelSpec(spec.timm_name, dict(spec.overrides))
+    if name is None:
+        raise ValueError(f"{weights} does not say which encoder it holds: set encoder.name")
+    return ModelSpec(name, dict(overrides))
 
 
-def build_encoder(cfg: EncoderConfig, **timm_kwargs: Any) -> nn.Module:
+def check_weights(spec: ModelSpec, weights: str | Path, **timm_kwargs: Any) -> None:
+    """Fail now, with one message naming the file, if ``weights`` would not load into the
+    model of ``spec``: unreadable or unsafe file, missing or unexpected keys, other shapes. The
+    model is built on the meta device, so this costs no memory even for DaViT-G."""
+    with torch.device("meta"):
+        model = spec.build_timm(**timm_kwargs)
+    check_encoder_weights(model, weights, skip_classifier=True)
+
+
+def build_encoder(spec: ModelSpec, weights: str | None, drop_path: float = 0.0,
+                  grad_checkpointing: bool = False, **timm_kwargs: Any) -> nn.Module:
     """Create the timm encoder (with ``timm_kwargs`` such as ``num_classes``) and load weights;
     a classifier head the checkpoint lacks or sizes differently stays freshly initialised."""
-    name, overrides = encoder_spec(cfg)
-    model = timm.create_model(name, drop_path_rate=cfg.drop_path, **{**overrides, **timm_kwargs})
-    if cfg.weights is not None:
-        load_encoder_weights(model, cfg.weights, skip_classifier=True)
-    if cfg.grad_checkpointing:
+    model = spec.build_timm(drop_path_rate=drop_path, **timm_kwargs)
+    if weights is not None:
+        load_encoder_weights(model, weights, skip_classifier=True)
+    if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_tools.synthetic import write_synthetic_shards  # noqa: E402
+from data_tools.synthetic import write_synthetic_shards, zero_shot_prompts  # noqa: E402
 from pretrain.launcher import deepspeed_command  # noqa: E402
 from pretrain.report import format_table, plot_training  # noqa: E402
 
@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "--set", f"data.train={patterns['train']}"], args.ranks)
 
     print("== 3/4 zero-shot evaluation", flush=True)
-    from pretrain.evaluate import evaluate_synthetic
+    from pretrain.evaluate import zero_shot_accuracy
 
-    zero_shot = evaluate_synthetic(str(pretrain_dir / "export" / "clip.pt"),
-                                   patterns["heldout"])
+    prompts = {field: zero_shot_prompts(field) for field in ("color", "shape")}
+    zero_shot = zero_shot_accuracy(pretrain_dir / "export" / "clip.pt", patterns["heldout"],
+                                   prompts)
 
     print("== 4/4 fine-tuning a shape classifier (DeepSpeed)", flush=True)
     finetune_dir = out / "finetune"
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", f"data.train={patterns['labelled']}",
         "--set", f"data.val={patterns['heldout']}",
     ], args.ranks)
-    finetune = json.loads((finetune_dir / "export" / "eval.json").read_text())
+    finetune = json.loads((finetune_dir / "eval.json").read_text())["results"]
 
     plot_training(pretrain_dir / "metrics.jsonl", out / "training.png",
                   title="demo CLIP pretraining (2 ranks, DeepSpeed)")

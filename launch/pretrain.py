@@ -14,19 +14,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools.mixture import load_mixture  # noqa: E402
+from data_tools.mixture import check_samples, load_mixture  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.job_cli import run_job  # noqa: E402
 
 
 def make_trainer(cfg: PretrainConfig, run_dir: Path):  # noqa: ANN201 (imports DeepSpeed late)
-    from pretrain.clip_trainer import ClipTrainer
+    from pretrain.clip_task import ClipTask
+    from pretrain.engine import Trainer
 
-    return ClipTrainer(cfg, run_dir)
+    return Trainer(cfg, ClipTask(cfg), run_dir)
 
 
 def check_inputs(cfg: PretrainConfig) -> None:
-    load_mixture(cfg.data.mixture_spec)  # every shard of every set exists
+    # every shard of every set exists, and every set has samples (an empty one hangs training)
+    check_samples(load_mixture(cfg.data.mixture_spec))
 
 
 if __name__ == "__main__":

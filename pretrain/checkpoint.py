@@ -5,12 +5,12 @@ optimizer shards, scheduler, client state) plus one ``rank_<5-digit rank>.pt`` p
 DeepSpeed does not keep: RNG states and the rank's data-stream position. ``latest`` names the
 newest *complete* tag; it is replaced atomically only after every rank has finished writing
 (DeepSpeed's own ``latest`` is written by rank 0 before the other ranks are done, so it is not
-used). Older tags beyond ``keep`` are removed after ``latest`` moves on.
+used). Older tags beyond ``keep`` are removed after ``latest`` moves on, except the
+``protected`` one: the trainer's best checkpoint by its evaluation metric, which ``best`` names.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_tools.files import atomic_torch_save, atomic_write_text
 from pretrain.distributed import barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -60,6 +61,7 @@ class Checkpointer:
         self.directory = Path(directory)
         self.keep = keep
         self.rank = rank
+        self.protected: str | None = None  # a tag pruning must keep (the best checkpoint)
 
     def latest_tag(self) -> str | None:
         latest = self.directory / "latest"
@@ -76,15 +78,12 @@ class Checkpointer:
         tag = tag_for(step)
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
                                save_latest=False)
-        rank_file = self._rank_file(tag)
-        tmp = rank_file.with_name(rank_file.name + ".tmp")
-        torch.save(rank_state, tmp)
-        os.replace(tmp, rank_file)
+        atomic_torch_save(rank_state, self._rank_file(tag))
         barrier()
         if self.rank == 0:
-            tmp_latest = self.directory / "latest.tmp"
-            tmp_latest.write_text(tag)
-            os.replace(tmp_latest, self.directory / "latest")
+            atomic_write_text(self.directory / "latest", tag)
+            if self.protected is not None:
+                atomic_write_text(self.directory / "best", self.protected)
             self._prune(keep_newest=tag)
         barrier()
         return tag
@@ -93,6 +92,8 @@ class Checkpointer:
         tags = sorted(p.name for p in self.directory.iterdir() if TAG_PATTERN.match(p.name))
         complete = [t for t in tags if t <= keep_newest]
         for stale in complete[: -self.keep]:
+            if stale == self.protected:
+                continue
             shutil.rmtree(self.directory / stale, ignore_errors=True)
 
     def load(self, engine: Any) -> tuple[dict, dict] | None:
@@ -103,6 +104,12 @@ class Checkpointer:
         load_path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory / tag}")
+        if engine.zero_optimization_stage() == 3:
+            # Loading leaves ZeRO-3 parameters gathered. The first forward afterwards records
+            # DeepSpeed's parameter-fetch trace, and would record it without those fetches, so
+            # every later backward failed with "tracing error ... expected the next 1
+            # parameters in the parameter fetch queue". Partition them again first.
+            engine.empty_partition_cache()
         rank_file = self._rank_file(tag)
         if not rank_file.is_file():
             raise RuntimeError(

@@ -1,19 +1,34 @@
 """Validated job configuration: YAML file + ``--set a.b=value`` overrides -> pydantic model.
 
-Every job (pretraining, fine-tuning) has one schema. Unknown keys and bad values are rejected
-at load time with a one-line :class:`ConfigError` naming the file and the field path, before
-any process group starts. The resolved config is saved next to the run, and the DeepSpeed JSON
-is derived from it (:mod:`pretrain.deepspeed_config`), never written by hand.
+Every job (pretraining, each fine-tuning task) has one schema, assembled from sections that are
+defined once here and shared: ``train`` (seed, accumulation, guards), ``optimizer``,
+``schedule``, the data stream's common fields, ``eval``, ``deepspeed``, ``log`` and
+``checkpoint`` (:class:`JobConfig`). Unknown keys and bad values are rejected at load time with a
+one-line :class:`ConfigError` naming the file and the field path, before any process group
+starts. The resolved config is saved next to the run, and the DeepSpeed JSON is derived from it
+(:mod:`pretrain.deepspeed_config`), never written by hand.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from data_tools.files import atomic_write_text
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,15 +37,151 @@ class ConfigError(ValueError):
     """A bad config file or override; the message is one line naming the problem."""
 
 
+def _is_number_type(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(arg in (int, float) for arg in typing.get_args(annotation))
+    return False
+
+
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated."""
+    """Base of every config section: unknown keys are errors, values are validated, and a
+    boolean is never taken for a number (pydantic would read ``steps: true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if (isinstance(value, bool) and info.field_name is not None
+                and _is_number_type(cls.model_fields[info.field_name].annotation)):
+            raise ValueError(f"expected a number, got the boolean {value}")
+        return value
 
 
 def check_warmup(warmup_steps: int, steps: int) -> None:
     if warmup_steps and warmup_steps >= steps:
         raise ValueError(f"warmup_steps ({warmup_steps}) must be smaller than steps ({steps})")
+
+
+# --------------------------------------------------------------------------- shared sections
+class TrainConfig(Section):
+    seed: int = 0
+    # Accumulation multiplies the samples per optimizer step. For contrastive pretraining it
+    # does NOT grow the negative set: each micro-batch's loss only sees the negatives of the
+    # same micro-step on all ranks.
+    grad_accum: int = Field(1, ge=1)
+    # Non-finite micro-batches are dropped and replaced; this many in a row abort the run.
+    max_nonfinite_batches: int = Field(5, ge=1)
+
+
+class OptimizerConfig(Section):
+    """AdamW (the optimizer of every published recipe this project follows)."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class ScheduleConfig(Section):
+    """Length and learning-rate schedule, in optimizer steps or in epochs of the training data.
+
+    Warmup rises linearly from ``warmup_start`` x lr to lr; then ``decay`` shapes the rest:
+    ``cosine`` to ``min_lr_ratio`` x lr, ``poly`` (``(1 - progress) ** power`` down to
+    ``min_lr_ratio``), ``step`` (x ``gamma`` at each of ``milestones``) or ``constant``.
+    Milestones and warmup are in the unit of the length: steps with ``steps``, epochs with
+    ``epochs`` (``warmup_steps`` may still be given in steps with epochs).
+    """
+
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    warmup_epochs: float | None = Field(None, ge=0)
+    warmup_start: float = Field(0.0, ge=0, le=1)
+    decay: Literal["cosine", "poly", "step", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    power: float = Field(1.0, gt=0)
+    milestones: list[float] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScheduleConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of steps and epochs")
+        if self.warmup_epochs is not None and self.epochs is None:
+            raise ValueError("warmup_epochs needs epochs (with steps, use warmup_steps)")
+        if self.warmup_epochs is not None and self.warmup_steps:
+            raise ValueError("set warmup_steps or warmup_epochs, not both")
+        if self.steps is not None:
+            check_warmup(self.warmup_steps, self.steps)
+        if self.milestones and self.decay != "step":
+            raise ValueError("milestones only apply to decay: step")
+        if self.milestones != sorted(self.milestones):
+            raise ValueError("milestones must increase")
+        return self
+
+
+class StreamConfig(Section):
+    """What every training data stream shares (the task's data section adds its own fields)."""
+
+    batch_size: int = Field(..., ge=1, description="micro-batch per rank")
+    workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(2000, ge=1)
+    shuffle_initial: int = Field(500, ge=1)
+    # Samples in one epoch of the training data, for schedules in epochs when the shards carry
+    # no sizes.json (or to define an epoch differently).
+    epoch_samples: int | None = Field(None, ge=1)
+
+
+class EvalConfig(Section):
+    # Evaluate every this many steps (and always after the last step); null: only at the end.
+    every: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)  # per rank
+    # The metric that picks the best checkpoint (a key of the task's evaluation), and whether
+    # larger is better; null keeps no best checkpoint.
+    best_metric: str | None = None
+    best_mode: Literal["max", "min"] = "max"
+    enabled: bool = True
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[1, 2, 3] = 1
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    offload_optimizer: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "davit-pretrain"
+    entity: str | None = None
+
+
+class LogConfig(Section):
+    every: int = Field(10, ge=1)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    peak_flops_per_device: float | None = Field(None, gt=0)  # for MFU, e.g. 989e12 (H100 bf16)
+    progress: bool = True
+
+
+class CheckpointConfig(Section):
+    every: int = Field(1000, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class JobConfig(Section):
+    """The sections every job has; a job's schema adds its model, data and task sections."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
 
 # --------------------------------------------------------------------------- pretraining schema
@@ -44,6 +195,7 @@ class ImageTower(Section):
     pool: Literal["avg", "abs_attn", "rot_attn"] = "avg"
     proj: Literal["linear", "mlp"] = "linear"
     grad_checkpointing: bool = False
+    lr: float | None = Field(None, gt=0)  # this tower's lr (default: optimizer.lr)
 
 
 class TextTower(Section):
@@ -53,6 +205,7 @@ class TextTower(Section):
     heads: int = Field(8, ge=1)
     layers: int = Field(12, ge=1)
     grad_checkpointing: bool = False
+    lr: float | None = Field(None, gt=0)  # this tower's lr (default: optimizer.lr)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TextTower:
@@ -72,43 +225,15 @@ class ShardSetConfig(Section):
     weight: float = Field(1.0, gt=0)
 
 
-class DataConfig(Section):
+class DataConfig(StreamConfig):
     # One brace pattern, a list of weighted shard sets, or a mixture YAML file (data_tools.mixture).
     train: str | list[ShardSetConfig]
-    batch_size: int = Field(..., ge=1, description="micro-batch per rank")
-    workers: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(2000, ge=1)
-    shuffle_initial: int = Field(500, ge=1)
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale range, as open_clip
 
     @property
     def mixture_spec(self) -> str | list[dict]:
         """``train`` in the form :func:`data_tools.mixture.load_mixture` reads."""
         return self.train if isinstance(self.train, str) else [s.model_dump() for s in self.train]
-
-
-class TrainConfig(Section):
-    steps: int = Field(..., ge=1)
-    seed: int = 0
-    lr: float = Field(5e-4, gt=0)
-    image_lr: float | None = Field(None, gt=0)  # per-tower overrides of lr
-    text_lr: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.2, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(1e-6, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    grad_clip: float = Field(1.0, ge=0)
-    # Accumulation multiplies the samples per optimizer step but NOT the contrastive negative
-    # set: each micro-batch's loss only sees negatives from the same micro-step on all ranks.
-    grad_accum: int = Field(1, ge=1)
-    # Non-finite micro-batches are dropped and replaced; this many in a row abort the run.
-    max_nonfinite_batches: int = Field(5, ge=1)
-
-    @model_validator(mode="after")
-    def _warmup_fits(self) -> TrainConfig:
-        check_warmup(self.warmup_steps, self.steps)
-        return self
 
 
 class LossConfig(Section):
@@ -118,40 +243,10 @@ class LossConfig(Section):
     max_logit_scale: float = Field(100.0, gt=1)
 
 
-class DeepSpeedConfig(Section):
-    zero_stage: Literal[1, 2, 3] = 1
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    offload_optimizer: bool = False
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-
-
-class WandbConfig(Section):
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "davit-pretrain"
-    entity: str | None = None
-
-
-class LogConfig(Section):
-    every: int = Field(10, ge=1)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
-    peak_flops_per_device: float | None = Field(None, gt=0)  # for MFU, e.g. 312e12 (A100 bf16)
-    progress: bool = True
-
-
-class CheckpointConfig(Section):
-    every: int = Field(1000, ge=1)
-    keep: int = Field(2, ge=1)
-
-
-class PretrainConfig(Section):
+class PretrainConfig(JobConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
-    train: TrainConfig
     loss: LossConfig = Field(default_factory=LossConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-
 
 
 # --------------------------------------------------------------------------- loading
@@ -175,7 +270,7 @@ def resolve_config_path(name: str | Path, kind: str) -> Path:
 def apply_override(tree: dict, assignment: str) -> None:
     """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (so 3, 1e-3, true)."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=100")
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. schedule.steps=100")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
     try:
@@ -230,10 +325,9 @@ def load_config(
         return schema.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(str(path), error)) from None
+    except ValueError as error:  # a schema's own dispatch (e.g. an unknown fine-tuning task)
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def save_config(config: BaseModel, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

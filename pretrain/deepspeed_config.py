@@ -2,61 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
-from pretrain.config import DeepSpeedConfig
-
-
-class OptimizerSchedule(Protocol):
-    """The fields of a job's ``train`` section that the DeepSpeed JSON needs."""
-
-    steps: int
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
-    warmup_steps: int
-    min_lr_ratio: float
-    grad_clip: float
-    grad_accum: int
+from pretrain.config import DeepSpeedConfig, OptimizerConfig
 
 
-def deepspeed_config(
-    ds: DeepSpeedConfig, train: OptimizerSchedule, micro_batch: int, world_size: int
-) -> dict[str, Any]:
+def deepspeed_config(ds: DeepSpeedConfig, optimizer: OptimizerConfig, grad_accum: int,
+                     micro_batch: int, world_size: int) -> dict[str, Any]:
     """The ``deepspeed.initialize`` config for one job.
 
     The optimizer is AdamW with ``torch_adam`` so the same JSON runs on CPU (FusedAdam is
-    CUDA-only); on GPUs ``torch.optim.AdamW`` uses its fused/foreach kernels. The schedule is
-    DeepSpeed's ``WarmupCosineLR``, which scales each parameter group's own lr, so per-tower
-    learning rates and layer decay survive it, and its state is checkpointed by DeepSpeed.
+    CUDA-only); on GPUs ``torch.optim.AdamW`` uses its fused/foreach kernels. The learning-rate
+    schedule is not in the JSON: the trainer hands DeepSpeed its own
+    (:mod:`pretrain.schedule`), which DeepSpeed steps and checkpoints.
     """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": micro_batch * train.grad_accum * world_size,
-        "gradient_clipping": train.grad_clip,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": optimizer.grad_clip,
         "steps_per_print": 10**9,  # our own metrics logger reports progress
         "wall_clock_breakdown": False,
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": train.lr,
-                "betas": list(train.betas),
-                "eps": train.eps,
-                "weight_decay": train.weight_decay,
+                "lr": optimizer.lr,
+                "betas": list(optimizer.betas),
+                "eps": optimizer.eps,
+                "weight_decay": optimizer.weight_decay,
                 "torch_adam": True,
                 "adam_w_mode": True,
-            },
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": train.steps,
-                "warmup_num_steps": max(2, train.warmup_steps),
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0 if train.warmup_steps else 1.0,
-                "cos_min_ratio": train.min_lr_ratio,
             },
         },
         "zero_optimization": _zero_section(ds),

@@ -1,9 +1,17 @@
-"""Joining the process group, and cleaning up after DeepSpeed's CPU backend."""
+"""The process group: joining it, the only collectives the project calls, and cleaning up after
+DeepSpeed's CPU backend.
+
+Every collective goes through this module (a test greps the packages to keep it so). NCCL only
+accepts tensors on the rank's own GPU, while gloo forgives CPU tensors; the helpers here move
+what they are given to :func:`collective_device` and hand back CPU results, so callers build
+small flag and count tensors wherever is convenient and the same code is right on both.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -15,9 +23,12 @@ from deepspeed.accelerator import get_accelerator
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
 
 def init_distributed(backend: str) -> None:
-    """Join the process group the launcher describes (or a group of one without a launcher)."""
+    """Join the process group the launcher describes (or a group of one without a launcher),
+    with this rank's accelerator selected, so collectives and the engine agree on the device."""
     if dist.is_initialized():
         return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
@@ -25,13 +36,60 @@ def init_distributed(backend: str) -> None:
         os.environ.setdefault(key, value)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend)
     release_shared_memory_names()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def collective_device() -> torch.device:
+    """Where collective tensors must live: this rank's GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device(get_accelerator().current_device_name())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce(values: torch.Tensor | list[float], op: str = "sum") -> torch.Tensor:
+    """``values`` reduced over every rank (``op``: sum, max or min), returned on the CPU.
+
+    A list of Python numbers becomes a float64 tensor, so counts stay exact well past 2**24.
+    """
+    tensor = (values if isinstance(values, torch.Tensor)
+              else torch.tensor(values, dtype=torch.float64))
+    if world_size() == 1:
+        return tensor.detach().cpu()
+    on_device = tensor.detach().to(collective_device(), copy=True)
+    dist.all_reduce(on_device, op=_OPS[op])
+    return on_device.cpu()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on at least one rank (every rank gets the same answer)."""
+    return bool(all_reduce([1.0 if flag else 0.0], op="max")[0])
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (for results of uneven size, such as
+    detections). Objects travel through the collective device, as NCCL requires."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def shared_memory_segment(rank: int) -> Path:

@@ -1,10 +1,9 @@
-"""The DeepSpeed Trainer every job shares: engine, loop, guards, checkpoints and metrics.
+"""The DeepSpeed Trainer every job shares: engine, loop, guards, evaluation, checkpoints, metrics.
 
-One object owns model, optimizer, schedule and data stream, so one checkpoint restores them
-all (torchtitan's shape). A job subclasses :class:`Trainer` and supplies the model-plus-loss
-module, its parameter groups, its data loader, the loss of a batch and its export; pretraining
-(:class:`pretrain.clip_trainer.ClipTrainer`) and fine-tuning share everything else. Every rank
-runs the same code; rank 0 also logs and exports.
+One object owns model, optimizer, schedule, data stream and evaluation state, so one checkpoint
+restores them all (torchtitan's shape). What differs between jobs is a
+:class:`~pretrain.task.Task`; the trainer composes with it. Every rank runs the same code; rank 0
+also logs and exports.
 """
 
 from __future__ import annotations
@@ -12,21 +11,23 @@ from __future__ import annotations
 import json
 import signal
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tqdm import tqdm
 
-from pretrain.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
-from pretrain.config import save_config
-from pretrain.data import StreamState, TrainLoader
+from data_tools.files import atomic_write_text
+from pretrain import distributed
+from pretrain.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, tag_for
+from pretrain.config import JobConfig, save_config
+from pretrain.data import StreamState
 from pretrain.deepspeed_config import deepspeed_config
-from pretrain.distributed import barrier, init_distributed
 from pretrain.metrics import MetricsLogger, peak_memory_gb
+from pretrain.schedule import resolve_schedule
+from pretrain.task import Batch, Evaluator, LossOutput, Task
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -35,37 +36,46 @@ class TrainingAborted(RuntimeError):
     """The run cannot continue (e.g. too many non-finite losses in a row)."""
 
 
-class Trainer(ABC):
-    """Runs ``cfg.train.steps`` optimizer steps of a job under DeepSpeed.
+def move_to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Tensors (also inside lists, tuples and dicts) to ``device``; floating ones to ``dtype``
+    when given. Copies are non-blocking: the loader pins its batches on GPU machines."""
+    if isinstance(value, torch.Tensor):
+        cast = dtype if dtype is not None and value.is_floating_point() else None
+        return value.to(device, dtype=cast, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: move_to_device(item, device, dtype) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(move_to_device(item, device, dtype) for item in value)
+    return value
 
-    The config must have sections ``train`` (steps, seed, grad_accum, max_nonfinite_batches and
-    the optimizer fields), ``deepspeed``, ``log`` and ``checkpoint``.
-    """
 
-    # Training FLOPs per sample (set by a job that knows them, on rank 0) for MFU.
-    flops_per_sample: float = 0.0
-    progress_label: str = "train"
+class Trainer:
+    """Runs a task's schedule of optimizer steps under DeepSpeed."""
 
-    def __init__(self, cfg: Any, run_dir: Path, micro_batch: int, num_workers: int) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: JobConfig, task: Task, run_dir: Path) -> None:
+        self.cfg, self.task = cfg, task
         self.run_dir = Path(run_dir)
-        init_distributed(cfg.deepspeed.backend)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        distributed.init_distributed(cfg.deepspeed.backend)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        self.micro_batch = micro_batch
-        self.global_batch = micro_batch * cfg.train.grad_accum * self.world_size
-        self.ds_config = deepspeed_config(cfg.deepspeed, cfg.train, micro_batch, self.world_size)
+        self.micro_batch = cfg.data.batch_size
+        self.global_batch = self.micro_batch * cfg.train.grad_accum * self.world_size
+        self.schedule = resolve_schedule(cfg.schedule, task.epoch_samples(), self.global_batch)
+        self.total_steps = self.schedule.total_steps
+        self.ds_config = deepspeed_config(cfg.deepspeed, cfg.optimizer, cfg.train.grad_accum,
+                                          self.micro_batch, self.world_size)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2))
+            atomic_write_text(self.run_dir / "deepspeed.json", json.dumps(self.ds_config, indent=2))
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config,
                                  enabled=cfg.deepspeed.zero_stage == 3):
-            task = self.build_task()
+            module = task.build_module()
         self.engine, _, _, _ = deepspeed.initialize(
-            model=task, model_parameters=self.param_groups(task), config=self.ds_config)
+            model=module, model_parameters=task.param_groups(module), config=self.ds_config,
+            lr_scheduler=self.schedule.scheduler)
         torch.manual_seed(cfg.train.seed + 1 + self.rank)  # per-rank stochastic depth etc.
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -76,37 +86,16 @@ class Trainer(ABC):
         self.step = 0
         self.nonfinite_batches = 0  # dropped micro-batches, over the whole run
         self.nonfinite_in_a_row = 0
-        self.loader = self.build_loader(self._resume(num_workers))
+        self.best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the best eval
+        self.evaluator: Evaluator | None = (task.evaluator(self.rank, self.world_size)
+                                            if cfg.eval.enabled else None)
+        self.loader = task.build_loader(self.rank, self._resume(cfg.data.workers))
         self.metrics = MetricsLogger(self.run_dir, cfg.model_dump(mode="json"), cfg.log.wandb,
                                      enabled=self.is_main, resume_step=self.step)
+        self.flops_per_sample = task.flops_per_sample() if self.is_main else 0.0
         self._stop_signal: int | None = None
         for signum in PREEMPTION_SIGNALS:
             signal.signal(signum, self._request_stop)
-
-    # ------------------------------------------------------------------ what a job supplies
-    @abstractmethod
-    def build_task(self) -> torch.nn.Module:
-        """The module DeepSpeed trains; its forward takes a batch's tensors, returns the loss."""
-
-    @abstractmethod
-    def param_groups(self, task: torch.nn.Module) -> list[dict[str, Any]]:
-        """Optimizer parameter groups (each may carry its own ``lr`` and ``weight_decay``)."""
-
-    @abstractmethod
-    def build_loader(self, state: StreamState) -> TrainLoader:
-        """This rank's training stream, starting at ``state``."""
-
-    @abstractmethod
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of one micro-batch (through ``self.engine``)."""
-
-    @abstractmethod
-    def export(self) -> None:
-        """Rank 0, after the final checkpoint: write the run's deliverable weights."""
-
-    def extra_metrics(self) -> dict[str, Any]:
-        """Job-specific values for each log record (called on every rank)."""
-        return {}
 
     # ------------------------------------------------------------------ resume
     def _resume(self, num_workers: int) -> StreamState:
@@ -117,14 +106,19 @@ class Trainer(ABC):
         client_state, rank_state = restored
         self.step = int(client_state["step"])
         self.nonfinite_batches = int(client_state.get("nonfinite_batches", 0))
+        self.best = client_state.get("best")
+        self.checkpointer.protected = self._best_tag()
         restore_rng_state(rank_state["rng"])
         if self.is_main:
             print(f"resumed from {self.checkpointer.latest_tag()} at step {self.step}")
         return StreamState.from_dict(rank_state["data"])
 
+    def _best_tag(self) -> str | None:
+        return tag_for(self.best["step"]) if self.best is not None else None
+
     def save(self) -> None:
         client_state = {"step": self.step, "samples_seen": self.samples_seen,
-                        "nonfinite_batches": self.nonfinite_batches}
+                        "nonfinite_batches": self.nonfinite_batches, "best": self.best}
         rank_state = {"rng": capture_rng_state(), "data": self.loader.state_dict()}
         self.checkpointer.save(self.engine, self.step, client_state, rank_state)
 
@@ -137,7 +131,7 @@ class Trainer(ABC):
         return self.step * self.global_batch
 
     def train(self) -> str:
-        """Run to ``train.steps``; returns ``"completed"`` or ``"preempted"``."""
+        """Run to the schedule's last step; returns ``"completed"`` or ``"preempted"``."""
         try:
             outcome = self._train_loop()
         finally:
@@ -145,37 +139,42 @@ class Trainer(ABC):
             self.metrics.close()
         if outcome == "completed" and self.is_main:
             self.export()
-        barrier()
+        distributed.barrier()
         return outcome
 
     def _train_loop(self) -> str:
         cfg = self.cfg
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=self.progress_label,
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.task.label,
                    unit="step", disable=not (self.is_main and cfg.log.progress),
                    dynamic_ncols=True)
         window = _Window()
         try:
-            while self.step < cfg.train.steps:
-                loss, stop = self.train_step(window)
+            while self.step < self.total_steps:
+                loss, parts, stop = self.train_step(window)
                 self.step += 1
                 bar.update(1)
-                window.add_loss(loss)
-                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                window.add_loss(loss, parts)
+                last = self.step == self.total_steps
+                if self.step % cfg.log.every == 0 or last:
                     record = self._log_record(window)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     self.metrics.log(record)
                     window = _Window()
+                improved = self._maybe_evaluate(last)
                 if stop:
                     self.save()
                     return "preempted"
-                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
+                if improved or self.step % cfg.checkpoint.every == 0 or last:
                     self.save()
         finally:
             bar.close()
         return "completed"
 
-    def train_step(self, window: _Window) -> tuple[float, bool]:
-        """One optimizer step over ``grad_accum`` finite micro-batches. Returns (loss, stop).
+    def train_step(self, window: _Window) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+        """One optimizer step over ``grad_accum`` finite micro-batches.
+
+        Returns the step's mean loss, its mean loss parts (device tensors: no host sync beyond
+        the flags) and whether to stop.
 
         Ranks agree on two flags per micro-batch with one tiny all-reduce: whether any rank's
         loss is non-finite and whether any rank received a preemption signal. A non-finite
@@ -186,22 +185,23 @@ class Trainer(ABC):
         ends the run after this step.
         """
         train = self.cfg.train
-        losses: list[torch.Tensor] = []
+        outputs: list[LossOutput] = []
         stop = False
-        while len(losses) < train.grad_accum:
+        while len(outputs) < train.grad_accum:
             start = time.perf_counter()
             batch = next(self.loader)
             fetched = time.perf_counter()
-            loss = self.forward(batch)
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0,
-                                  1.0 if self._stop_signal is not None else 0.0])
-            if self.world_size > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop = stop or bool(flags[1])
-            if flags[0] == 0:
+            output = self.forward(batch)
+            loss = output["loss"]
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
+                                 torch.tensor(float(self._stop_signal is not None),
+                                              device=loss.device)])
+            nonfinite, stop_now = distributed.all_reduce(flags, op="max").tolist()
+            stop = stop or stop_now > 0
+            if nonfinite == 0:
                 self.engine.backward(loss)
                 self.engine.step()
-                losses.append(loss.detach().float())
+                outputs.append({k: v.detach().float() for k, v in output.items()})
                 self.nonfinite_in_a_row = 0
             else:
                 self.nonfinite_batches += 1
@@ -212,35 +212,118 @@ class Trainer(ABC):
                         f"{self.step + 1}; stopping without saving (the last checkpoint is "
                         "intact)")
             window.add_time(data=fetched - start, compute=time.perf_counter() - fetched)
-        return float(torch.stack(losses).mean()), stop
+        mean = {key: torch.stack([o[key] for o in outputs]).mean() for key in outputs[0]}
+        loss = mean.pop("loss")
+        return loss, mean, stop
 
-    def to_device(self, tensor: torch.Tensor, floating: bool = False) -> torch.Tensor:
-        dtype = self.dtype if floating else None
-        return tensor.to(self.device, dtype=dtype, non_blocking=True)
+    def forward(self, batch: Batch) -> LossOutput:
+        """The task module's output for one micro-batch, through the engine."""
+        batch = self.task.prepare_batch(self.to_device(batch))
+        output = self.engine(batch)
+        if isinstance(output, torch.Tensor):
+            return {"loss": output}
+        return output
+
+    def to_device(self, batch: Batch) -> Batch:
+        return {key: move_to_device(value, self.device,
+                                    self.dtype if key in self.task.input_keys else None)
+                for key, value in batch.items()}
+
+    # ------------------------------------------------------------------ evaluation
+    def _maybe_evaluate(self, last: bool) -> bool:
+        """Evaluate when due; returns whether the configured best metric improved."""
+        every = self.cfg.eval.every
+        if self.evaluator is None or not (last or (every and self.step % every == 0)):
+            return False
+        results = self.evaluate()
+        improved = self._track_best(results)
+        record = {"step": self.step, **{f"eval/{k}": v for k, v in results.items()}}
+        if self.best is not None:
+            record[f"eval/best_{self.best['metric']}"] = self.best["value"]
+        self.metrics.log(record)
+        if self.is_main:
+            atomic_write_text(self.run_dir / "eval.json", json.dumps(
+                {"step": self.step, "results": results, "best": self.best}, indent=2))
+        return improved
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Every rank evaluates its slice; the evaluator reduces. Under ZeRO-3 each forward
+        gathers parameters collectively, so ranks whose slice ran out repeat their last batch
+        (not counted) until every rank is done."""
+        evaluator = self.evaluator
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        evaluator.reset()
+        batches = iter(evaluator.batches())
+        previous: Batch | None = None
+        try:
+            while True:
+                batch = next(batches, None)
+                if not distributed.any_rank(batch is not None):
+                    break
+                counted = batch is not None
+                if batch is None:
+                    if previous is None:
+                        raise ValueError(f"rank {self.rank} has no validation sample: the "
+                                         "split has fewer samples than there are ranks")
+                    batch = previous
+                previous = batch
+                evaluator.update(module, self.to_device(batch), counted)
+            return evaluator.compute()
+        finally:
+            module.train(was_training)
+
+    def _track_best(self, results: dict[str, float]) -> bool:
+        metric = self.cfg.eval.best_metric
+        if metric is None:
+            return False
+        if metric not in results:
+            raise KeyError(f"eval.best_metric {metric!r} is not among the evaluation's "
+                           f"metrics: {sorted(results)}")
+        value = results[metric]
+        better = max if self.cfg.eval.best_mode == "max" else min
+        if self.best is not None and better(value, self.best["value"]) == self.best["value"]:
+            return False
+        self.best = {"step": self.step, "metric": metric, "value": value}
+        self.checkpointer.protected = self._best_tag()
+        return True
+
+    # ------------------------------------------------------------------ export and logs
+    def export(self) -> None:
+        """Rank 0: consolidate the last checkpoint's fp32 weights (from the ZeRO optimizer
+        shards, not the engine's bf16 copies) and let the task write its deliverable."""
+        state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpointer.directory))
+        out = self.run_dir / "export"
+        out.mkdir(parents=True, exist_ok=True)
+        self.task.export(state, out)
 
     def _log_record(self, window: _Window) -> dict[str, Any]:
-        sums = torch.tensor([window.loss_sum, float(self.loader.state.skipped)],
-                            dtype=torch.float64)
-        peak = torch.tensor([peak_memory_gb()], dtype=torch.float64)
-        if self.world_size > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        names = sorted(window.part_sums)
+        sums = distributed.all_reduce(torch.stack(
+            [window.loss_sum, *(window.part_sums[n] for n in names),
+             torch.tensor(float(self.loader.state.skipped), device=window.loss_sum.device)]
+        ).double())
+        peak = distributed.all_reduce([peak_memory_gb()], op="max")
+        per_rank_steps = window.steps * self.world_size
         samples_per_s = window.steps * self.global_batch / max(window.elapsed, 1e-9)
         busy = window.data_s + window.compute_s
         record = {
             "step": self.step,
             "samples_seen": self.samples_seen,
-            "loss": (sums[0] / (window.steps * self.world_size)).item(),
+            "loss": float(sums[0]) / per_rank_steps,
+            **{name: float(sums[1 + i]) / per_rank_steps for i, name in enumerate(names)},
             "lr": self.engine.get_lr()[0],
             "samples_per_s": samples_per_s,
             "samples_per_s_per_device": samples_per_s / self.world_size,
             "data_wait_s": window.data_s,
             "compute_s": window.compute_s,
             "data_wait_fraction": window.data_s / max(busy, 1e-9),
-            "peak_memory_gb": peak.item(),
-            "skipped_samples": int(sums[1].item()),
+            "peak_memory_gb": float(peak[0]),
+            "skipped_samples": int(sums[-1]),
             "nonfinite_batches": self.nonfinite_batches,
-            **self.extra_metrics(),
+            **self.task.log_values(self.engine.module),
         }
         peak_flops = self.cfg.log.peak_flops_per_device
         if peak_flops and self.flops_per_sample:
@@ -249,16 +332,22 @@ class Trainer(ABC):
 
 
 class _Window:
-    """Accumulates loss and timings between two log records."""
+    """Accumulates losses (on the device, so logging costs one sync) and timings between two
+    log records."""
 
     def __init__(self) -> None:
         self.began = time.perf_counter()
-        self.loss_sum = self.steps = 0
+        self.steps = 0
+        self.loss_sum: torch.Tensor = torch.zeros(())
+        self.part_sums: dict[str, torch.Tensor] = {}
         self.data_s = self.compute_s = 0.0
 
-    def add_loss(self, loss: float) -> None:
+    def add_loss(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         self.steps += 1
-        self.loss_sum += loss
+        self.loss_sum = self.loss_sum.to(loss.device) + loss
+        for name, value in parts.items():
+            self.part_sums[name] = self.part_sums.get(name, torch.zeros((), device=value.device)
+                                                      ) + value
 
     def add_time(self, data: float, compute: float) -> None:
         self.data_s += data

@@ -1,12 +1,14 @@
-"""Zero-shot evaluation of an exported CLIP model on labelled held-out shards.
+"""Zero-shot classification of an exported CLIP model on labelled held-out shards.
 
-Classifiers are built with open_clip's ``build_zero_shot_classifier``: one text embedding per
-class, averaged over prompt templates. For the synthetic shapes, the templates for a colour
-are the training caption phrasing with every shape and background filled in (a prompt
-ensemble, like OpenAI's ImageNet templates), and the same for a shape.
+A classifier is built with open_clip's ``build_zero_shot_classifier``: one text embedding per
+class, averaged over prompt templates. Class names and templates come from the caller (the demo
+passes its synthetic shapes' prompts; a prompts file gives any others).
 
-    python -m pretrain.evaluate --export runs/demo/pretrain/export/clip.pt \
-        --shards "data/demo/heldout/{00000..00001}.tar"
+    python -m pretrain.evaluate --export runs/demo/pretrain/export/clip.pt \\
+        --shards "data/demo/heldout/{00000..00001}.tar" --label-key color --prompts prompts.json
+
+``prompts.json`` holds ``{"classnames": [...], "templates": ["a photo of a {}.", ...]}``; the
+label field of each sample's ``.json`` holds its class name.
 """
 
 from __future__ import annotations
@@ -14,27 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-from data_tools.synthetic import COLORS, SHAPES, caption_for
 from pretrain.data import eval_transform, ordered_dataset
 from pretrain.export import load_exported_clip
 from pretrain.models.clip import build_tokenizer
-
-
-def synthetic_templates(attribute: str) -> tuple[list[str], list[str]]:
-    """Class names and format templates ("{}" = the class) for ``color`` or ``shape``."""
-    if attribute == "color":
-        templates = [caption_for("{}", shape, background)
-                     for shape in SHAPES for background in COLORS]
-        return list(COLORS), templates
-    if attribute == "shape":
-        templates = [caption_for(color, "{}", background)
-                     for color in COLORS for background in COLORS if background != color]
-        return list(SHAPES), templates
-    raise ValueError(f"unknown attribute {attribute!r}: expected 'color' or 'shape'")
 
 
 def load_labelled(pattern: str, transform: Callable, limit: int | None = None
@@ -69,29 +58,38 @@ def zero_shot_top1(clip: torch.nn.Module, tokenizer: Callable, image_features: t
     return (predictions == targets).float().mean().item()
 
 
-def evaluate_synthetic(export_path: str, shards: str, limit: int | None = None
-                       ) -> dict[str, float]:
+def zero_shot_accuracy(export_path: str | Path, shards: str,
+                       prompts: dict[str, tuple[list[str], list[str]]],
+                       limit: int | None = None) -> dict[str, float]:
+    """Top-1 of the export for each label field of ``prompts`` (field -> (class names,
+    templates)), over the same images: ``{"zero_shot_top1_<field>": ..., "zero_shot_samples"}``.
+    """
     clip, model_cfg = load_exported_clip(export_path)
     tokenizer = build_tokenizer(model_cfg.text.context_length)
     images, metas = load_labelled(shards, eval_transform(model_cfg.image.image_size), limit)
     features = encode_images(clip, images)
     results = {}
-    for attribute in ("color", "shape"):
-        classnames, templates = synthetic_templates(attribute)
-        labels = [meta[attribute] for meta in metas]
-        results[f"zero_shot_top1_{attribute}"] = zero_shot_top1(
+    for field, (classnames, templates) in prompts.items():
+        labels = [meta[field] for meta in metas]
+        results[f"zero_shot_top1_{field}"] = zero_shot_top1(
             clip, tokenizer, features, labels, classnames, templates)
     results["zero_shot_samples"] = len(metas)
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Zero-shot top-1 on labelled synthetic shards")
+    parser = argparse.ArgumentParser(description="Zero-shot top-1 on labelled shards")
     parser.add_argument("--export", required=True, help="clip.pt written by pretrain.export")
     parser.add_argument("--shards", required=True, help="brace pattern of held-out shards")
+    parser.add_argument("--label-key", required=True, help="field of each sample's .json")
+    parser.add_argument("--prompts", required=True, type=Path,
+                        help='JSON file: {"classnames": [...], "templates": [...]}')
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
-    print(json.dumps(evaluate_synthetic(args.export, args.shards, args.limit), indent=2))
+    prompts = json.loads(args.prompts.read_text())
+    result = zero_shot_accuracy(args.export, args.shards, {
+        args.label_key: (prompts["classnames"], prompts["templates"])}, args.limit)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def job_parser(description: str, kind: str, run_root: Path) -> argparse.Argument
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help=f"YAML path or name under configs/{kind}")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config field, e.g. train.steps=100")
+                        metavar="KEY=VALUE",
+                        help="override a config field, e.g. schedule.steps=100")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help=f"where the run lives (default: {run_root}/<config name>)")
     parser.add_argument("--check", action="store_true",

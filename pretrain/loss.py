@@ -31,7 +31,12 @@ def build_loss(cfg: LossConfig, rank: int, world_size: int) -> nn.Module:
 
 
 class ContrastiveTask(nn.Module):
-    """CLIP model + loss: ``forward(image, text) -> scalar loss``."""
+    """CLIP model + loss: ``forward({"image", "text"}) -> {"loss"}``.
+
+    The towers compute in the engine's dtype (bf16 parameters on GPUs); the normalised features
+    are promoted to fp32 before the logits, so the softmax over the global batch (tens of
+    thousands of columns for a large run) is not taken in bf16.
+    """
 
     def __init__(self, clip: open_clip.CLIP, loss: nn.Module, max_logit_scale: float) -> None:
         super().__init__()
@@ -41,10 +46,13 @@ class ContrastiveTask(nn.Module):
         # each step); clamping here works unchanged when ZeRO-3 partitions the parameter.
         self.max_log_scale = math.log(max_logit_scale)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        image_features = self.clip.encode_image(image, normalize=True)
-        text_features = self.clip.encode_text(text, normalize=True)
-        logit_scale = self.clip.logit_scale.clamp(max=self.max_log_scale).exp()
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image_features = self.clip.encode_image(batch["image"], normalize=True).float()
+        text_features = self.clip.encode_text(batch["text"], normalize=True).float()
+        logit_scale = self.clip.logit_scale.float().clamp(max=self.max_log_scale).exp()
         if isinstance(self.loss, SigLipLoss):
-            return self.loss(image_features, text_features, logit_scale, self.clip.logit_bias)
-        return self.loss(image_features, text_features, logit_scale)
+            loss = self.loss(image_features, text_features, logit_scale,
+                             self.clip.logit_bias.float())
+        else:
+            loss = self.loss(image_features, text_features, logit_scale)
+        return {"loss": loss}

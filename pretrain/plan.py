@@ -62,7 +62,7 @@ Device = Literal["gpu", "cpu"]
 # gpu: CUDA context with lazy module loading ~0.5-1 GB, cuBLAS/cuDNN workspaces and NCCL
 #      communicator buffers ~0.5-1 GB, and the caching allocator's fragmentation, commonly
 #      1-2 GB on an 80 GB device under a stable training shape.
-# cpu: peak RSS of `python -c "import pretrain.clip_trainer"` (torch, deepspeed, open_clip,
+# cpu: peak RSS of `python -c "import pretrain.clip_task"` (torch, deepspeed, open_clip,
 #      timm, webdataset) measured at 1.07 GB in this project's venv; the tokenizer, gloo and
 #      DeepSpeed's shared-memory comm op add a little more.
 RUNTIME_OVERHEAD_GB: dict[str, float] = {"gpu": 3.0, "cpu": 1.1}
@@ -325,7 +325,8 @@ def estimate(cfg: PretrainConfig, facts: ModelFacts, world_size: int, stage: int
     precision = cfg.deepspeed.precision
     if checkpointing is None:
         checkpointing = cfg.model.image.grad_checkpointing or cfg.model.text.grad_checkpointing
-    zero = deepspeed_config(cfg.deepspeed.model_copy(update={"zero_stage": stage}), cfg.train,
+    zero = deepspeed_config(cfg.deepspeed.model_copy(update={"zero_stage": stage}), cfg.optimizer,
+                            cfg.train.grad_accum,
                             micro_batch, world_size)["zero_optimization"]
     weights, grads, optimizer, host = model_state_bytes(facts.params, stage, world_size,
                                                         precision, offload)
@@ -382,7 +383,8 @@ def make_plan(config_name: str, cfg: PretrainConfig, nodes: int, gpus_per_node: 
               overhead_gb: float | None = None) -> Plan:
     """Estimate every ZeRO option at the config's (or the given) micro-batch, and the largest
     micro-batch that fits ``memory_gb`` with and without activation checkpointing."""
-    threshold = deepspeed_config(cfg.deepspeed.model_copy(update={"zero_stage": 3}), cfg.train,
+    threshold = deepspeed_config(cfg.deepspeed.model_copy(update={"zero_stage": 3}), cfg.optimizer,
+                                 cfg.train.grad_accum,
                                  1, 1)["zero_optimization"]["stage3_param_persistence_threshold"]
     facts = measure_model(cfg.model, cfg.deepspeed.precision, threshold)
     plan = Plan(config_name, cfg, facts, nodes, gpus_per_node, memory_gb, device)

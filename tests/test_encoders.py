@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
@@ -17,9 +14,9 @@ from pretrain.models import ENCODERS
 from pretrain.models.dat import NeighborhoodAttention, neighbourhood_macs
 from pretrain.models.dwnet import DynamicDWConv, PatchMerging
 from pretrain.models.summary import measure
+from pretrain.published import published
 
-PUBLISHED_PATH = Path(__file__).resolve().parents[2] / "shared/reference/published.yaml"
-PUBLISHED = yaml.safe_load(PUBLISHED_PATH.read_text())["classification_imagenet1k"]
+PUBLISHED = published("classification_imagenet1k")
 
 OURS = [name for name in ENCODERS if not name.startswith("davit")]
 TINY = ["dat_pp_tiny", "dwnet_tiny", "dynamic_dwnet_tiny"]

@@ -37,7 +37,8 @@ class CountingEngine:
 
 
 class ScriptedTrainer(Trainer):
-    """Only ``train_step``'s collaborators: the 'loss' of a batch is the batch itself."""
+    """Only ``train_step``'s collaborators: the 'loss' of a batch is the batch itself, and a
+    second part (twice the loss) stands for a task's named loss parts."""
 
     def __init__(self, losses: list[float], grad_accum: int, max_bad: int = 3) -> None:
         self.cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=grad_accum,
@@ -47,16 +48,21 @@ class ScriptedTrainer(Trainer):
         self.world_size, self.step, self._stop_signal = 1, 0, None
         self.nonfinite_batches = self.nonfinite_in_a_row = 0
 
-    def forward(self, batch: float) -> torch.Tensor:
-        return torch.tensor(batch)
+    def forward(self, batch: float) -> dict[str, torch.Tensor]:
+        return {"loss": torch.tensor(batch), "double": torch.tensor(2 * batch)}
 
-    build_task = param_groups = build_loader = export = None  # not used by train_step
+
+def _step(trainer: ScriptedTrainer) -> tuple[float, dict[str, float], bool]:
+    loss, parts, stop = trainer.train_step(_Window())
+    return float(loss), {name: float(value) for name, value in parts.items()}, stop
 
 
 def test_nonfinite_micro_batch_is_replaced_within_the_step() -> None:
     trainer = ScriptedTrainer([1.0, math.nan, 2.0, 3.0, math.inf, 4.0], grad_accum=2)
-    losses = [trainer.train_step(_Window())[0] for _ in range(2)]
-    assert losses == [1.5, 3.5]
+    steps = [_step(trainer) for _ in range(2)]
+    assert [loss for loss, _, _ in steps] == [1.5, 3.5]
+    # named parts are averaged over the same finite micro-batches as the loss
+    assert [parts for _, parts, _ in steps] == [{"double": 3.0}, {"double": 7.0}]
     # every optimizer step averaged exactly two finite micro-batches, in stream order
     assert trainer.engine.global_steps == 2
     assert trainer.engine.losses_per_update == [[1.0, 2.0], [3.0, 4.0]]
@@ -66,7 +72,7 @@ def test_nonfinite_micro_batch_is_replaced_within_the_step() -> None:
 def test_nonfinite_batches_in_a_row_abort_and_never_reach_backward() -> None:
     trainer = ScriptedTrainer([1.0, 2.0, math.nan, 5.0, math.nan, math.nan, math.nan],
                               grad_accum=2, max_bad=3)
-    assert trainer.train_step(_Window()) == (1.5, False)
+    assert _step(trainer) == (1.5, {"double": 3.0}, False)
     trainer.step = 1
     with pytest.raises(TrainingAborted, match="3 non-finite losses in a row at step 2"):
         trainer.train_step(_Window())  # a finite batch between NaNs resets the count
@@ -77,5 +83,5 @@ def test_nonfinite_batches_in_a_row_abort_and_never_reach_backward() -> None:
 def test_preemption_signal_finishes_the_step_then_stops() -> None:
     trainer = ScriptedTrainer([1.0, 2.0, 3.0], grad_accum=2)
     trainer._stop_signal = 15
-    assert trainer.train_step(_Window()) == (1.5, True)
+    assert _step(trainer) == (1.5, {"double": 3.0}, True)
     assert trainer.engine.global_steps == 1

@@ -38,7 +38,7 @@ def test_estimate_is_within_25_percent_of_a_real_run(demo_plan: Plan, demo_cfg: 
     run_deepspeed("pretrain.py", [
         "--config", "demo", "--run-dir", str(run_dir),
         "--set", f"data.train={shape_shards['train']}",
-        "--set", f"train.steps={STEPS}", "--set", "train.warmup_steps=1",
+        "--set", f"schedule.steps={STEPS}", "--set", "schedule.warmup_steps=1",
         "--set", "log.every=1", "--set", "log.progress=false", "--set", "checkpoint.every=1000",
         *(arg for override in OVERRIDES for arg in ("--set", override)),
     ])

@@ -26,7 +26,7 @@ def _args(run_dir: Path, shards: str, *extra: str) -> list[str]:
     return ["--config", "demo", "--run-dir", str(run_dir), *TINY_MODEL,
             "--set", f"data.train={shards}", "--set", "data.batch_size=8",
             "--set", "data.shuffle_buffer=32", "--set", "data.shuffle_initial=8",
-            "--set", "train.warmup_steps=2", "--set", "log.every=1", *extra]
+            "--set", "schedule.warmup_steps=2", "--set", "log.every=1", *extra]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -73,7 +73,7 @@ def test_zero_stage_trains_and_saves(stage: int, loss: str, shape_shards: dict,
     run_dir = tmp_path / "run"
     run_deepspeed("pretrain.py", _args(run_dir, shape_shards["train"],
                                        "--set", f"deepspeed.zero_stage={stage}",
-                                       "--set", f"loss.kind={loss}", "--set", "train.steps=4"))
+                                       "--set", f"loss.kind={loss}", "--set", "schedule.steps=4"))
     losses = _losses(run_dir)
     assert len(losses) == 4 and all(value == value for value in losses.values())
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
@@ -84,7 +84,7 @@ def test_kill_and_resume_reproduces_losses(shape_shards: dict, tmp_path: Path) -
     """kill -9 mid-run, re-run the same command: every step after the checkpoint has the same
     loss as in an uninterrupted run (fp32; two data workers per rank, so the resumed stream
     must also restore which worker serves the next batch)."""
-    common = ["--set", "train.steps=8", "--set", "checkpoint.every=3",
+    common = ["--set", "schedule.steps=8", "--set", "checkpoint.every=3",
               "--set", "data.workers=2", "--set", "deepspeed.precision=fp32"]
     reference = tmp_path / "reference"
     run_deepspeed("pretrain.py", _args(reference, shape_shards["train"], *common))
@@ -109,7 +109,7 @@ def test_kill_and_resume_reproduces_losses(shape_shards: dict, tmp_path: Path) -
 
 def test_sigterm_saves_and_exits_cleanly(shape_shards: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    process = _start(run_dir, _args(run_dir, shape_shards["train"], "--set", "train.steps=500",
+    process = _start(run_dir, _args(run_dir, shape_shards["train"], "--set", "schedule.steps=500",
                                     "--set", "checkpoint.every=1000"))
     _wait_for(lambda: _logged_step(run_dir) >= 2, process)
     for rank in _rank_processes(process):  # what a scheduler's preemption does
@@ -137,7 +137,7 @@ def test_corrupt_samples_are_skipped_and_counted_with_fewer_shards_than_workers(
     """One shard for 2 ranks x 2 workers: no hang; corrupt samples skipped and counted."""
     run_dir = tmp_path / "run"
     run_deepspeed("pretrain.py", _args(run_dir, _corrupt_shards(tmp_path / "shards"),
-                                       "--set", "data.workers=2", "--set", "train.steps=6"),
+                                       "--set", "data.workers=2", "--set", "schedule.steps=6"),
                   timeout=300)
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 7))
@@ -149,8 +149,8 @@ def test_nonfinite_losses_abort_without_damaging_checkpoints(shape_shards: dict,
                                                              tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_deepspeed("pretrain.py", _args(
-        run_dir, shape_shards["train"], "--set", "train.steps=40", "--set", "train.lr=1e9",
-        "--set", "train.warmup_steps=0", "--set", "train.max_nonfinite_batches=2",
+        run_dir, shape_shards["train"], "--set", "schedule.steps=40", "--set", "optimizer.lr=1e9",
+        "--set", "schedule.warmup_steps=0", "--set", "train.max_nonfinite_batches=2",
         "--set", "checkpoint.every=1", "--set", "deepspeed.precision=fp32"), check=False)
     assert result.returncode != 0
     assert "2 non-finite losses in a row" in result.stderr + result.stdout

@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
-from data_tools.synthetic import COLORS
+from data_tools.synthetic import COLORS, zero_shot_prompts
 from pretrain.metrics import read_metrics
+from pretrain.models.spec import ModelSpec
 from tests.conftest import TINY_MODEL, run_deepspeed
+
+
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -19,37 +22,42 @@ def pretrain_run(shape_shards: dict[str, str], tmp_path_factory: pytest.TempPath
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     run_deepspeed("pretrain.py", [
         "--config", "demo", "--run-dir", str(run_dir), *TINY_MODEL,
+        # a two-layer text tower: with one layer, "red" as the shape's colour and as the
+        # background's stay confused and zero-shot colour stays at chance (measured)
+        "--set", "model.embed_dim=64", "--set", "model.text.width=64",
+        "--set", "model.text.heads=4", "--set", "model.text.layers=2",
         "--set", f"data.train={shape_shards['train']}",
-        "--set", "data.batch_size=16", "--set", "data.workers=1",
+        "--set", "data.batch_size=32", "--set", "data.workers=1",
         "--set", "data.shuffle_buffer=64", "--set", "data.shuffle_initial=16",
-        "--set", "train.steps=24", "--set", "train.warmup_steps=3", "--set", "train.lr=3e-3",
-        "--set", "log.every=1", "--set", "checkpoint.every=12", "--set", "checkpoint.keep=1",
+        "--set", f"schedule.steps={STEPS}", "--set", "schedule.warmup_steps=3",
+        "--set", "optimizer.lr=2e-3",
+        "--set", "log.every=1", "--set", "checkpoint.every=30", "--set", "checkpoint.keep=1",
     ])
     return run_dir
 
 
 def test_loss_falls_and_metrics_are_complete(pretrain_run: Path) -> None:
     records = read_metrics(pretrain_run / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 25))
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     first = sum(r["loss"] for r in records[:4]) / 4
     last = sum(r["loss"] for r in records[-4:]) / 4
     assert last < first - 0.3, (first, last)
     for key in ("samples_seen", "lr", "samples_per_s", "data_wait_fraction", "peak_memory_gb",
                 "skipped_samples"):
         assert key in records[-1]
-    assert records[-1]["samples_seen"] == 24 * 16 * 2  # steps x micro-batch x ranks
+    assert records[-1]["samples_seen"] == STEPS * 32 * 2  # steps x micro-batch x ranks
     assert records[-1]["skipped_samples"] == 0
 
 
 def test_run_directory_holds_config_and_checkpoints(pretrain_run: Path) -> None:
     assert (pretrain_run / "config.yaml").is_file()
     ds = json.loads((pretrain_run / "deepspeed.json").read_text())
-    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 32
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 64
     checkpoints = pretrain_run / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "step_00000024"
-    # keep=1: the step-12 checkpoint was pruned once step 24 was complete
-    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000024"]
-    assert (checkpoints / "step_00000024" / "rank_00001.pt").is_file()
+    assert (checkpoints / "latest").read_text() == "step_00000060"
+    # keep=1: the step-30 checkpoint was pruned once step 60 was complete
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000060"]
+    assert (checkpoints / "step_00000060" / "rank_00001.pt").is_file()
 
 
 def test_exported_encoder_reloads_with_identical_outputs(pretrain_run: Path) -> None:
@@ -57,16 +65,16 @@ def test_exported_encoder_reloads_with_identical_outputs(pretrain_run: Path) -> 
     from pretrain.models.weights import load_encoder_weights
 
     payload = torch.load(pretrain_run / "export" / "encoder.pt", weights_only=True)
-    spec = payload["encoder"]
-    assert spec["timm_name"] == "davit_tiny"
-    encoder = timm.create_model(spec["timm_name"], num_classes=0, **spec["overrides"]).eval()
+    spec = ModelSpec.from_dict(payload["spec"])
+    assert spec.timm_name == "davit_tiny" and spec.num_classes == 0
+    encoder = spec.build_timm().eval()
     load_encoder_weights(encoder, pretrain_run / "export" / "encoder.pt")
     clip, _ = load_exported_clip(pretrain_run / "export" / "clip.pt")
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(encoder(images), clip.visual.trunk(images))
     # the export holds the trained weights, not the initialisation
-    fresh = timm.create_model(spec["timm_name"], num_classes=0, **spec["overrides"])
+    fresh = spec.build_timm()
     trained = encoder.state_dict()
     assert any(not torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
 
@@ -74,7 +82,8 @@ def test_exported_encoder_reloads_with_identical_outputs(pretrain_run: Path) -> 
 def test_finetune_from_export(pretrain_run: Path, shape_shards: dict[str, str],
                               tmp_path: Path) -> None:
     """The fine-tuning path end to end on the colour labels (which a few steps can learn; the
-    demo fine-tunes on shapes, which take longer)."""
+    demo fine-tunes on shapes, which take longer), with evaluation every 10 steps on both ranks
+    and the best checkpoint kept."""
     run_dir = tmp_path / "finetune"
     colors = "[" + ", ".join(COLORS) + "]"
     run_deepspeed("finetune.py", [
@@ -86,35 +95,50 @@ def test_finetune_from_export(pretrain_run: Path, shape_shards: dict[str, str],
         "--set", "data.num_classes=8",
         "--set", "data.image_size=32", "--set", "data.batch_size=16",
         "--set", "data.shuffle_buffer=64", "--set", "data.shuffle_initial=16",
-        "--set", "train.steps=30", "--set", "train.warmup_steps=3", "--set", "train.lr=2e-3",
-        "--set", "log.every=1",
+        "--set", "schedule.steps=30", "--set", "schedule.warmup_steps=3",
+        "--set", "optimizer.lr=2e-3", "--set", "log.every=1", "--set", "eval.every=10",
+        "--set", "checkpoint.every=1000", "--set", "checkpoint.keep=1",
     ])
     records = read_metrics(run_dir / "metrics.jsonl")
-    assert len(records) == 30
-    first = sum(r["loss"] for r in records[:5]) / 5
-    last = sum(r["loss"] for r in records[-5:]) / 5
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/top1" in r]
+    assert len(train) == 30
+    first = sum(r["loss"] for r in train[:5]) / 5
+    last = sum(r["loss"] for r in train[-5:]) / 5
     assert last < first - 0.3, (first, last)
-    result = json.loads((run_dir / "export" / "eval.json").read_text())
-    assert result["samples"] == 192
-    assert result["top1"] > 0.4  # chance is 1/8
-    # the exported classifier reloads strictly and reproduces the reported accuracy
-    from finetune.classification.evaluate import evaluate_top1
-    from finetune.config import ClassificationConfig
+    # evaluated at steps 10, 20 and 30, over the whole held-out split (192 images, 2 ranks)
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all(r["eval/samples"] == 192 for r in evals)
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["step"] == 30 and result["results"]["top1"] > 0.4  # chance is 1/8
+    # the best checkpoint is the step with the best top-1, kept beside the latest (keep=1)
+    best = max(evals, key=lambda r: r["eval/top1"])
+    assert result["best"] == {"step": best["step"], "metric": "top1",
+                              "value": best["eval/top1"]}
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "best").read_text() == f"step_{best['step']:08d}"
+    assert (checkpoints / f"step_{best['step']:08d}").is_dir()
+    # the exported classifier reloads strictly and reproduces the final evaluation
+    from finetune.classification.evaluate import evaluate_classifier
+    from finetune.config import FinetuneConfig
     from pretrain.config import load_config
 
     payload = torch.load(run_dir / "export" / "classifier.pt", weights_only=True)
-    spec = payload["encoder"]
-    classifier = timm.create_model(spec["timm_name"], num_classes=spec["num_classes"],
-                                   **spec["overrides"])
+    spec = ModelSpec.from_dict(payload["spec"])
+    assert (spec.num_classes, spec.task) == (8, "classification")
+    classifier = spec.build_timm()
     classifier.load_state_dict(payload["state_dict"], strict=True)
-    cfg = load_config(ClassificationConfig, run_dir / "config.yaml")
-    assert evaluate_top1(classifier, cfg.data) == result
+    cfg = load_config(FinetuneConfig, run_dir / "config.yaml")
+    assert evaluate_classifier(classifier.eval(), cfg.data) == result["results"]
 
 
 def test_zero_shot_evaluation_of_the_export(pretrain_run: Path, shape_shards: dict) -> None:
-    from pretrain.evaluate import evaluate_synthetic
+    from pretrain.evaluate import zero_shot_accuracy
 
-    result = evaluate_synthetic(str(pretrain_run / "export" / "clip.pt"), shape_shards["heldout"])
+    prompts = {field: zero_shot_prompts(field) for field in ("color", "shape")}
+    result = zero_shot_accuracy(pretrain_run / "export" / "clip.pt", shape_shards["heldout"],
+                                prompts)
     assert result["zero_shot_samples"] == 192
-    assert 0.0 <= result["zero_shot_top1_color"] <= 1.0
+    # 60 steps teach colour (chance 1/8; measured 0.28), not yet shape (chance 1/3)
+    assert result["zero_shot_top1_color"] > 0.2, result
     assert 0.0 <= result["zero_shot_top1_shape"] <= 1.0

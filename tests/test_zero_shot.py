@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.evaluate import synthetic_templates, zero_shot_top1
+from data_tools.synthetic import zero_shot_prompts
+from pretrain.evaluate import zero_shot_top1
 from pretrain.models.clip import build_clip, build_tokenizer
 
 TINY = ModelConfig.model_validate({
@@ -18,8 +19,8 @@ TINY = ModelConfig.model_validate({
 
 
 def test_templates_cover_every_class_and_attribute() -> None:
-    colors, color_templates = synthetic_templates("color")
-    shapes, shape_templates = synthetic_templates("shape")
+    colors, color_templates = zero_shot_prompts("color")
+    shapes, shape_templates = zero_shot_prompts("shape")
     assert len(colors) == 8 and len(shapes) == 3
     assert all("{}" in t for t in color_templates + shape_templates)
     assert any("background" in t for t in shape_templates)
@@ -30,7 +31,7 @@ def test_top1_scores_images_against_prompt_classifier() -> None:
     torch.manual_seed(0)
     clip = build_clip(TINY).eval()
     tokenizer = build_tokenizer(16)
-    shapes, templates = synthetic_templates("shape")
+    shapes, templates = zero_shot_prompts("shape")
     with torch.no_grad():
         per_class = []
         for shape in shapes:

@@ -35,7 +35,7 @@ def classification_transform(cfg: ClassificationData, training: bool) -> Callabl
 
 
 class LabelledImageDecoder:
-    """Raw sample -> (augmented image, class index)."""
+    """Raw sample -> (transformed image, class index)."""
 
     def __init__(self, cfg: ClassificationData, transform: Callable) -> None:
         self.cfg = cfg

@@ -22,11 +22,6 @@ import pretrain.models  # noqa: F401  (registers this project's encoders with ti
 from pretrain.config import ModelConfig
 
 
-def encoder_spec(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """How to rebuild the image encoder anywhere: a timm name plus keyword overrides."""
-    return {"timm_name": name, "overrides": dict(overrides)}
-
-
 def register_variant(name: str, overrides: dict[str, Any]) -> str:
     """Register ``name`` with ``overrides`` as a timm model and return the variant's name."""
     if not timm.is_model(name):
@@ -92,4 +87,4 @@ def build_tokenizer(context_length: int) -> SimpleTokenizer:
     return SimpleTokenizer(context_length=context_length)
 
 
-__all__ = ["build_clip", "build_tokenizer", "encoder_spec", "image_encoder", "register_variant"]
+__all__ = ["build_clip", "build_tokenizer", "image_encoder", "register_variant"]

@@ -25,8 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.models import ENCODERS
 from pretrain.models.dat import NeighborhoodAttention, neighbourhood_macs
-
-DEFAULT_PUBLISHED = Path(__file__).resolve().parents[3] / "shared/reference/published.yaml"
+from pretrain.published import published
 
 
 @dataclass(frozen=True)
@@ -59,10 +58,11 @@ def measure(name: str, size: int = 224) -> Cost:
     return Cost(params=params, macs=executed - sum(masked), masked_macs=sum(masked))
 
 
-def load_published(path: Path) -> dict[str, dict]:
-    """ImageNet-1k figures per model name (params_m, flops_g in MACs, ...); empty if absent."""
-    if not path.is_file():
-        return {}
+def load_published(path: Path | None = None) -> dict[str, dict]:
+    """ImageNet-1k figures per model name (params_m, flops_g in MACs, ...): the project's own
+    (:mod:`pretrain.published`), or those of another YAML file of the same layout."""
+    if path is None:
+        return published("classification_imagenet1k")
     return yaml.safe_load(path.read_text())["classification_imagenet1k"]
 
 
@@ -97,7 +97,8 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--published", type=Path, default=DEFAULT_PUBLISHED)
+    parser.add_argument("--published", type=Path, default=None,
+                        help="YAML of published figures (default: the project's own)")
     parser.add_argument("--size", type=int, default=224, help="square input side in pixels")
     args = parser.parse_args(argv)
     # The published figures are for 224x224 inputs only.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,8 +46,10 @@ from pretrain.models import dat, dwnet
 
 __all__ = [
     "WeightsMismatchError",
+    "check_encoder_weights",
     "convert_state_dict",
     "detect_origin",
+    "load_checkpoint_file",
     "load_encoder_weights",
     "read_state_dict",
 ]
@@ -81,20 +84,44 @@ _METADATA_STAND_INS = [
 ]
 
 
-def _load_file(path: Path) -> object:
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as stream:
+        return stream.read(4) == b"PK\x03\x04"
+
+
+def load_checkpoint_file(path: Path | str, mmap: bool = False) -> object:
+    """A checkpoint's contents, read safely (no code from the file runs).
+
+    ``mmap=True`` maps the tensors instead of reading them (only for torch's zip format, the
+    default since torch 1.6; older files are read whole), so a large file's small entries, such
+    as an export's spec, cost almost nothing. Raises ``FileNotFoundError``, or ``ValueError`` /
+    ``pickle.UnpicklingError`` naming the file for a file that is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
     try:
-        with torch.serialization.safe_globals(_METADATA_STAND_INS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_METADATA_STAND_INS), warnings.catch_warnings():
+            # A pickle of another protocol is refused below with our own message anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and _is_zip(path))
     except pickle.UnpicklingError as error:
         raise pickle.UnpicklingError(
             f"{path} holds objects other than tensors, plain containers and run configuration "
             f"({error}). Refusing to execute its pickle; if you trust the file, re-save only its "
             "state dict: torch.save(torch.load(path, weights_only=False)['model'], new_path)"
         ) from error
+    except (RuntimeError, EOFError, OSError) as error:  # truncated or not a torch file at all
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise ValueError(f"{path}: not a readable checkpoint ({first_line})") from None
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -103,10 +130,11 @@ def _is_state_dict(obj: object) -> bool:
     )
 
 
-def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, key: str | None = None, mmap: bool = False
+                    ) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely and return its state dict (see the module docstring)."""
     path = Path(path)
-    checkpoint = _load_file(path)
+    checkpoint = load_checkpoint_file(path, mmap=mmap)
     if key is not None:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
             raise KeyError(f"{path} has no entry {key!r}")
@@ -196,6 +224,18 @@ def _check_fit(
         if all(name.startswith(head) for name in missing + unexpected + shapes):
             parts.append("Only the classifier differs: skip_classifier=True keeps the trunk.")
     raise WeightsMismatchError("\n".join(parts))
+
+
+def check_encoder_weights(
+    model: nn.Module, path: str | Path, *, skip_classifier: bool = False, key: str | None = None
+) -> str:
+    """Check, without loading, that ``path`` would load into ``model`` (which may live on the
+    meta device); raises like :func:`load_encoder_weights`. Returns the detected origin."""
+    state_dict, origin = convert_state_dict(read_state_dict(path, key, mmap=True), model)
+    skipped = _classifier_prefixes(model) if skip_classifier else ()
+    state_dict = {name: value for name, value in state_dict.items() if not name.startswith(skipped)}
+    _check_fit(state_dict, model, origin, skipped)
+    return origin
 
 
 def load_encoder_weights(

@@ -1,0 +1,62 @@
+"""The fine-tuning tasks by name: what ``task:`` in a config selects.
+
+For each task: how to check the inputs its config names before any process starts (``--check``
+on a login node, and every rank at start-up), and how to build its :class:`~pretrain.task.Task`.
+Task modules are imported only when used, so checking a config imports no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from pathlib import Path
+
+from data_tools.mixture import load_mixture, shard_set
+from finetune.config import ClassificationConfig, EncoderConfig
+from pretrain.config import JobConfig
+from pretrain.task import Task
+
+TASK_CLASSES = {"classification": "finetune.classification.task:ClassificationTask"}
+
+
+def build_task(cfg: JobConfig) -> Task:
+    module, name = TASK_CLASSES[cfg.task].split(":")
+    return getattr(importlib.import_module(module), name)(cfg)
+
+
+def check_encoder(encoder: EncoderConfig, **timm_kwargs: int) -> None:
+    """The encoder can be built and ``encoder.weights`` would load into it, or ``ValueError`` /
+    ``FileNotFoundError`` with one line naming the file and the problem."""
+    from finetune.transfer import check_weights, resolve_spec
+    from pretrain.models.weights import WeightsMismatchError
+
+    weights = encoder.weights
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"encoder.weights: no such file {weights}")
+    try:
+        spec = resolve_spec(weights, encoder.name, encoder.overrides)
+        if weights is not None:
+            check_weights(spec, weights, **timm_kwargs)
+        elif not spec.is_registered():
+            raise ValueError(f"encoder.name: {spec.timm_name!r} is not a registered encoder")
+    except WeightsMismatchError as error:
+        lines = str(error).splitlines()
+        detail = "; ".join(line.strip() for line in lines[1:4])
+        raise ValueError(f"encoder.weights {weights}: {lines[0]} {detail}") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"encoder.weights {weights}: holds objects other than tensors, plain "
+                         "containers and run configuration; refusing to unpickle it (see "
+                         "pretrain.models.weights to re-save a trusted file)") from None
+    except ValueError as error:
+        message = " ".join(str(error).split())  # one line
+        raise ValueError(message if str(weights) in message
+                         else f"encoder.weights {weights}: {message}") from None
+
+
+def check_inputs(cfg: JobConfig) -> None:
+    """Raise ``FileNotFoundError`` / ``ValueError`` for inputs the config names that are
+    missing or unusable."""
+    if isinstance(cfg, ClassificationConfig):
+        check_encoder(cfg.encoder, num_classes=cfg.data.num_classes)
+        load_mixture(cfg.data.train)
+        shard_set(cfg.data.val)

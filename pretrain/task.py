@@ -1,0 +1,112 @@
+"""What a job supplies to the shared :class:`~pretrain.engine.Trainer`: a :class:`Task`.
+
+The trainer owns the engine, the loop, the guards, checkpoints, metrics and the evaluation
+cadence, once. A task is small: its module (whose forward returns the loss and its named parts),
+parameter groups, training stream, evaluator and export. Pretraining (``ClipTask``) and every
+fine-tuning task (classification, detection, segmentation) are tasks.
+
+Batches are dicts whose values may be tensors or lists/dicts of tensors (per-image targets of
+different sizes, such as boxes and masks); the trainer moves all of them to the engine's device
+and casts the floating tensors under :attr:`Task.input_keys` to the compute dtype (bf16 on GPUs),
+leaving targets in their own precision.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data_tools.mixture import ShardSet
+from pretrain.config import JobConfig
+from pretrain.data import StreamState, TrainLoader
+
+Batch = dict[str, Any]
+LossOutput = dict[str, torch.Tensor]  # "loss" (what is minimised) + named parts, all scalars
+
+
+class Evaluator(ABC):
+    """Evaluation over this rank's slice of a validation split, reduced across ranks.
+
+    The trainer calls :meth:`reset`, then :meth:`update` once per batch of :meth:`batches`
+    (module in eval mode, no gradients, batch on the device), then :meth:`compute`, a collective
+    every rank calls, which returns the metrics every rank agrees on. Under ZeRO-3 every forward
+    is collective, so the trainer keeps the ranks in step when their slices differ in length:
+    a rank that has run out repeats its last batch with ``counted=False``.
+    """
+
+    @abstractmethod
+    def batches(self) -> Iterable[Batch]:
+        """This rank's slice of the split, as CPU batches."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget what earlier evaluations accumulated."""
+
+    @abstractmethod
+    def update(self, module: nn.Module, batch: Batch, counted: bool) -> None:
+        """Run the module on ``batch``; accumulate its results only if ``counted``."""
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]:
+        """Collective: reduce the ranks' accumulations and return the metrics."""
+
+
+class Task(ABC):
+    """One kind of job: what it trains, on what data, how it is judged and what it delivers."""
+
+    label: str = "train"  # progress bar and exit message
+    input_keys: tuple[str, ...] = ("image",)
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def build_module(self) -> nn.Module:
+        """The module DeepSpeed trains: ``forward(batch) -> LossOutput``."""
+
+    @abstractmethod
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; each may carry its own ``lr`` and ``weight_decay``."""
+
+    @abstractmethod
+    def build_loader(self, rank: int, state: StreamState) -> TrainLoader:
+        """This rank's training stream, starting at ``state``."""
+
+    @abstractmethod
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Rank 0, after the last checkpoint: write the deliverable from the consolidated fp32
+        weights of the module (keys as in ``build_module().state_dict()``)."""
+
+    def epoch_samples(self) -> int | None:
+        """Samples in one epoch of the training data (for schedules in epochs), if known."""
+        return getattr(self.cfg.data, "epoch_samples", None)
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Last change to a batch on the device before the forward (e.g. mixup)."""
+        return batch
+
+    def evaluator(self, rank: int, world_size: int) -> Evaluator | None:
+        """The in-training evaluation, if the task has one."""
+        return None
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per sample, for MFU (0 when unknown)."""
+        return 0.0
+
+    def log_values(self, module: nn.Module) -> dict[str, float]:
+        """Task-specific values for each log record (called on every rank)."""
+        return {}
+
+
+def stream_epoch_samples(shard_sets: list[ShardSet], override: int | None) -> int | None:
+    """Samples in one epoch of a shard mixture: ``override`` if given, else the sets' sizes
+    (``None`` when a set's size is unknown)."""
+    if override is not None:
+        return override
+    sizes = [s.num_samples for s in shard_sets]
+    return None if None in sizes else sum(sizes)
