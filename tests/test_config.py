@@ -82,7 +82,8 @@ def test_cosine_and_poly_schedules_end_at_their_floor() -> None:
 
 
 def test_bare_name_resolves_and_overrides_apply() -> None:
-    overrides = ["schedule.steps=7", "schedule.warmup_steps=2", "optimizer.lr=1e-4", "loss.kind=siglip"]
+    overrides = ["schedule.steps=7", "schedule.warmup_steps=2", "optimizer.lr=1e-4",
+                 "loss.kind=siglip"]
     cfg = load_config(PretrainConfig, "demo", overrides, kind="pretrain")
     assert (cfg.schedule.steps, cfg.optimizer.lr, cfg.loss.kind) == (7, 1e-4, "siglip")
 

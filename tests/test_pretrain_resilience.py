@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from data_tools.shard_writer import Sample, write_shard, write_sizes
 from data_tools.synthetic import generate
 from pretrain.distributed import SHM_DIR, SHM_PREFIX
-from pretrain.launcher import deepspeed_command
 from pretrain.metrics import read_metrics
 from tests.conftest import ROOT, TINY_MODEL, run_deepspeed
+from tests.jobs import interrupt_and_resume, logged_step, losses, rank_processes, start, wait_for
 
 
 def _args(run_dir: Path, shards: str, *extra: str) -> list[str]:
@@ -29,42 +26,8 @@ def _args(run_dir: Path, shards: str, *extra: str) -> list[str]:
             "--set", "schedule.warmup_steps=2", "--set", "log.every=1", *extra]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
-
-
-def _start(run_dir: Path, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
-    return subprocess.Popen(
-        deepspeed_command("pretrain.py", args, ranks=2), cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-
-
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended early:\n{process.stdout.read()[-4000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.2)
-
-
-def _logged_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    records = read_metrics(path) if path.exists() else []
-    return records[-1]["step"] if records else 0
-
-
 def _shared_memory_segments() -> set[str]:
     return {path.name for path in SHM_DIR.glob(f"{SHM_PREFIX}_*")}
-
-
-def _rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(launcher.pid).children(recursive=True)
-    return [p for p in children if "--local_rank" in " ".join(p.cmdline())]
 
 
 @pytest.mark.parametrize(("stage", "loss"), [(1, "siglip"), (3, "clip")])
@@ -74,10 +37,38 @@ def test_zero_stage_trains_and_saves(stage: int, loss: str, shape_shards: dict,
     run_deepspeed("pretrain.py", _args(run_dir, shape_shards["train"],
                                        "--set", f"deepspeed.zero_stage={stage}",
                                        "--set", f"loss.kind={loss}", "--set", "schedule.steps=4"))
-    losses = _losses(run_dir)
-    assert len(losses) == 4 and all(value == value for value in losses.values())
+    logged = losses(run_dir)
+    assert len(logged) == 4 and all(value == value for value in logged.values())
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
-    assert (run_dir / "export" / "encoder.pt").is_file()
+    if stage == 3:
+        _export_equals_engine_weights(run_dir, tmp_path / "engine.pt")
+
+
+def _export_equals_engine_weights(run_dir: Path, gathered: Path) -> None:
+    """The export (consolidated from ZeRO-3 shards) holds exactly the weights the live engine
+    has after resuming the final checkpoint (gathered from both ranks' partitions)."""
+    import subprocess
+
+    import torch
+
+    from pretrain.export import load_exported_clip
+    from pretrain.launcher import deepspeed_command
+
+    script = str(ROOT / "tests" / "scripts" / "gather_engine_weights.py")
+    command = deepspeed_command("pretrain.py", [str(run_dir), str(gathered)], 2)
+    command[command.index(str(ROOT / "launch" / "pretrain.py"))] = script
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    engine = torch.load(gathered, weights_only=True)
+    clip, _ = load_exported_clip(run_dir / "export" / "clip.pt")
+    exported = dict(clip.named_parameters())
+    assert {f"clip.{name}" for name in exported} == set(engine)
+    for name, value in exported.items():
+        assert torch.equal(value, engine[f"clip.{name}"]), name
+    fresh = load_exported_clip(run_dir / "export" / "clip.pt")[0]  # reload is deterministic
+    assert all(torch.equal(p, exported[n]) for n, p in fresh.named_parameters())
 
 
 def test_kill_and_resume_reproduces_losses(shape_shards: dict, tmp_path: Path) -> None:
@@ -92,8 +83,8 @@ def test_kill_and_resume_reproduces_losses(shape_shards: dict, tmp_path: Path) -
     interrupted = tmp_path / "interrupted"
     args = _args(interrupted, shape_shards["train"], *common)
     segments_before = _shared_memory_segments()
-    process = _start(interrupted, args)
-    _wait_for(lambda: _logged_step(interrupted) >= 5, process)
+    process = start("pretrain.py", args)
+    wait_for(lambda: logged_step(interrupted) >= 5, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert (interrupted / "checkpoints" / "latest").read_text() == "step_00000003"
@@ -101,18 +92,48 @@ def test_kill_and_resume_reproduces_losses(shape_shards: dict, tmp_path: Path) -
     assert _shared_memory_segments() == segments_before
 
     run_deepspeed("pretrain.py", args)
-    expected, resumed = _losses(reference), _losses(interrupted)
+    expected, resumed = losses(reference), losses(interrupted)
     assert sorted(resumed) == list(range(1, 9))  # each step logged once
     for step in range(4, 9):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
+@pytest.mark.parametrize(("stage", "offload", "how"), [
+    pytest.param(3, False, "kill", id="zero3-kill"),
+    pytest.param(1, False, "kill", id="zero1-kill", marks=pytest.mark.slow),
+    pytest.param(2, True, "sigterm", id="zero2-offload-sigterm", marks=pytest.mark.slow),
+    pytest.param(3, True, "sigterm", id="zero3-offload-sigterm", marks=pytest.mark.slow),
+    pytest.param(1, True, "kill", id="zero1-offload-kill", marks=pytest.mark.slow),
+])
+def test_resume_is_exact_at_every_zero_stage(stage: int, offload: bool, how: str,
+                                             shape_shards: dict, tmp_path: Path) -> None:
+    """Interrupted (kill -9 or SIGTERM) and resumed, a run logs the same per-step losses as an
+    uninterrupted one, under every ZeRO stage with and without optimizer offload. (ZeRO-3 used
+    to die in the first backward after resuming, with DeepSpeed's parameter-trace error.)"""
+    common = ["--set", "schedule.steps=8", "--set", "checkpoint.every=2",
+              "--set", f"deepspeed.zero_stage={stage}",
+              "--set", f"deepspeed.offload_optimizer={str(offload).lower()}",
+              "--set", "deepspeed.precision=fp32"]
+    reference = tmp_path / "reference"
+    run_deepspeed("pretrain.py", _args(reference, shape_shards["train"], *common))
+    resumed = tmp_path / "resumed"
+    args = _args(resumed, shape_shards["train"], *common)
+    output = interrupt_and_resume("pretrain.py", args, resumed, after_step=3, how=how)
+    if how == "sigterm":
+        assert "pretrain preempted" in output
+    expected, got = losses(reference), losses(resumed)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
 def test_sigterm_saves_and_exits_cleanly(shape_shards: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    process = _start(run_dir, _args(run_dir, shape_shards["train"], "--set", "schedule.steps=500",
-                                    "--set", "checkpoint.every=1000"))
-    _wait_for(lambda: _logged_step(run_dir) >= 2, process)
-    for rank in _rank_processes(process):  # what a scheduler's preemption does
+    process = start("pretrain.py", _args(run_dir, shape_shards["train"],
+                                         "--set", "schedule.steps=500",
+                                         "--set", "checkpoint.every=1000"))
+    wait_for(lambda: logged_step(run_dir) >= 2, process)
+    for rank in rank_processes(process):  # what a scheduler's preemption does
         rank.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]

@@ -13,7 +13,6 @@ from pretrain.metrics import read_metrics
 from pretrain.models.spec import ModelSpec
 from tests.conftest import TINY_MODEL, run_deepspeed
 
-
 STEPS = 60
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ModelConfig
 from data_tools.synthetic import zero_shot_prompts
+from pretrain.config import ModelConfig
 from pretrain.evaluate import zero_shot_top1
 from pretrain.models.clip import build_clip, build_tokenizer
 
