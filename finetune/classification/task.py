@@ -28,6 +28,7 @@ from finetune.config import ClassificationConfig
 from finetune.transfer import build_encoder, resolve_spec
 from pretrain.data import ResumableStream, StreamState, TrainLoader
 from pretrain.eval_data import SlicedSplit, sliced_loader
+from pretrain.flops import image_model_train_flops
 from pretrain.models.spec import SPEC_KEY, ModelSpec
 from pretrain.task import Batch, Evaluator, LossOutput, Task, stream_epoch_samples
 
@@ -123,6 +124,11 @@ class ClassificationTask(Task):
         split = SlicedSplit(data.val, LabelledImageDecoder(data, classification_transform(
             data, training=False)), collate_labelled, self.cfg.eval.batch_size, rank, world_size)
         return AccuracyEvaluator(sliced_loader(split, data.workers), data.num_classes)
+
+    def flops_per_sample(self) -> float:
+        num_classes = self.cfg.data.num_classes
+        return image_model_train_flops(lambda: self.spec.build_timm(num_classes=num_classes),
+                                       self.cfg.data.image_size)
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """``classifier.pt``: the fp32 timm classifier and the spec that rebuilds it."""
