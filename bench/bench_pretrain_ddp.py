@@ -6,8 +6,9 @@ Both sides train the demo model (configs/pretrain/demo.yaml: DaViT scaled down, 
 tower, fp32, micro-batch 64 per rank) on 2 CPU ranks over gloo, on the same synthetic shards
 (``data_tools.synthetic``) read by the same resumable loader (``pretrain.data``):
 
-* ``deepspeed``: ``launch/pretrain.py`` under the DeepSpeed launcher, i.e. ``ClipTrainer``
-  with the config's ZeRO stage, its per-step agreement on finite loss / preemption, metrics;
+* ``deepspeed``: ``launch/pretrain.py`` under the DeepSpeed launcher, i.e. the shared
+  ``Trainer`` with ``ClipTask``, the config's ZeRO stage, its per-step agreement on finite
+  loss / preemption, metrics;
 * ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` around ``build_clip``, open_clip's
   ``ClipLoss(local_loss=True, gather_with_grad=True)``, ``torch.optim.AdamW`` with the same
   parameter groups and gradient clipping, started with ``torch.multiprocessing``; the loop
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"demo model, {cfg.deepspeed.precision}, {RANKS} CPU ranks (gloo), micro-batch "
           f"{cfg.data.batch_size} per rank, steps {args.skip + 1}..{args.steps} timed, "
           f"best of {args.repeats} interleaved runs")
-    labels = {"deepspeed": f"deepspeed (ClipTrainer, ZeRO-{cfg.deepspeed.zero_stage})",
+    labels = {"deepspeed": f"deepspeed (Trainer + ClipTask, ZeRO-{cfg.deepspeed.zero_stage})",
               "ddp": "ddp (DDP + ClipLoss + AdamW)"}
     for side, label in labels.items():
         runs = ", ".join(f"{rate:.1f}" for rate in rates[side])
