@@ -109,6 +109,7 @@ class Trainer:
         self.best = client_state.get("best")
         self.checkpointer.protected = self._best_tag()
         restore_rng_state(rank_state["rng"])
+        self.task.load_state_dict(rank_state.get("task", {}))
         if self.is_main:
             print(f"resumed from {self.checkpointer.latest_tag()} at step {self.step}")
         return StreamState.from_dict(rank_state["data"])
@@ -119,7 +120,8 @@ class Trainer:
     def save(self) -> None:
         client_state = {"step": self.step, "samples_seen": self.samples_seen,
                         "nonfinite_batches": self.nonfinite_batches, "best": self.best}
-        rank_state = {"rng": capture_rng_state(), "data": self.loader.state_dict()}
+        rank_state = {"rng": capture_rng_state(), "data": self.loader.state_dict(),
+                      "task": self.task.state_dict()}
         self.checkpointer.save(self.engine, self.step, client_state, rank_state)
 
     # ------------------------------------------------------------------ loop
@@ -152,6 +154,7 @@ class Trainer:
             while self.step < self.total_steps:
                 loss, parts, stop = self.train_step(window)
                 self.step += 1
+                self.task.after_optimizer_step(self.engine.module, self.step)
                 bar.update(1)
                 window.add_loss(loss, parts)
                 last = self.step == self.total_steps

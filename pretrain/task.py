@@ -102,6 +102,19 @@ class Task(ABC):
         """Task-specific values for each log record (called on every rank)."""
         return {}
 
+    def after_optimizer_step(self, module: nn.Module, step: int) -> None:
+        """Called on every rank after each optimizer step (``step`` counts from 1), e.g. to
+        update an EMA of the weights."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's task state that must survive a resume (e.g. EMA weights); saved in the
+        rank's checkpoint file, so it may differ between ranks. Tensors and plain containers
+        only (the file is read with ``weights_only=True``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called on resume, before the loop)."""
+
 
 def stream_epoch_samples(shard_sets: list[ShardSet], override: int | None) -> int | None:
     """Samples in one epoch of a shard mixture: ``override`` if given, else the sets' sizes
