@@ -18,7 +18,9 @@ fractions of *samples* drawn, not of shards.
 from __future__ import annotations
 
 import json
+import os
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +90,7 @@ def shard_set(pattern: str, weight: float = 1.0) -> ShardSet:
     if weight <= 0:
         raise ValueError(f"shard set {pattern!r}: weight must be > 0, got {weight}")
     urls = tuple(braceexpand.braceexpand(pattern))
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if _is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -97,6 +99,53 @@ def shard_set(pattern: str, weight: float = 1.0) -> ShardSet:
         )
     sizes = _read_sizes(urls) if len(local) == len(urls) else None
     return ShardSet(pattern=pattern, weight=float(weight), urls=urls, sizes=sizes)
+
+
+def check_samples(sets: list[ShardSet]) -> None:
+    """Raise ``ValueError`` (one line naming the set) when a set cannot yield a single sample.
+
+    Cheap enough for every start-up: it uses the known sample counts (``sizes.json`` or the
+    shards' ``_stats.json``) and otherwise reads each local shard's first 512 bytes, stopping at
+    the first shard that has a member. A 0-byte shard is never a tar and is refused outright.
+    Draws from a set without samples would never yield a batch: training would hang at step 0.
+    """
+    for shard_set_ in sets:
+        local = [u for u in shard_set_.urls if _is_local(u)]
+        empty_files = [u for u in local if os.path.getsize(u) == 0]
+        if empty_files:
+            raise ValueError(f"shard set {shard_set_.pattern!r}: {len(empty_files)} of "
+                             f"{len(shard_set_.urls)} shards are 0 bytes (not tars), "
+                             f"e.g. {empty_files[0]}")
+        where = _why_empty(shard_set_, local)
+        if where:
+            raise ValueError(f"shard set {shard_set_.pattern!r} has no samples: {where}")
+
+
+def _why_empty(shard_set_: ShardSet, local: list[str]) -> str | None:
+    count = len(shard_set_.urls)
+    if shard_set_.sizes is not None:
+        if sum(shard_set_.sizes) == 0:
+            return f"sizes.json / _stats.json count 0 samples in each of its {count} shards"
+        return None
+    if len(local) == len(shard_set_.urls) and not any(map(_has_member, local)):
+        return (f"each of its {count} shards is an empty tar (no member header in its first "
+                "512 bytes)")
+    return None
+
+
+def _has_member(path: str) -> bool:
+    """Whether the tar's first 512-byte block is a member header (not end-of-archive zeros)."""
+    with open(path, "rb") as handle:
+        block = handle.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def load_mixture(spec: str | Path | list) -> list[ShardSet]:
@@ -125,7 +174,22 @@ def sample_shards(sets: list[ShardSet], rng: random.Random) -> Iterator[str]:
     shards (fewer shards than ranks x workers would otherwise starve some of them and hang
     the collective ops of the others).
     """
+    for _, url in draw_shards(sets, rng):
+        yield url
+
+
+def draw_shards(sets: list[ShardSet], rng: random.Random) -> Iterator[tuple[int, str]]:
+    """:func:`sample_shards` with the index of the set each URL was drawn from (the same
+    draws from the same ``rng``)."""
     set_weights = [s.weight for s in sets]
+    indices = range(len(sets))
     while True:
-        chosen = rng.choices(sets, weights=set_weights)[0]
-        yield rng.choices(chosen.urls, weights=chosen.sizes)[0]
+        chosen = rng.choices(indices, weights=set_weights)[0]
+        yield chosen, rng.choices(sets[chosen].urls, weights=sets[chosen].sizes)[0]
+
+
+def drawable_shards(shard_set_: ShardSet) -> int:
+    """How many distinct shards of the set can be drawn (a shard counted 0 samples never is)."""
+    if shard_set_.sizes is None:
+        return len(set(shard_set_.urls))
+    return len({u for u, n in zip(shard_set_.urls, shard_set_.sizes, strict=True) if n > 0})

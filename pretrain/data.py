@@ -14,6 +14,12 @@ Design points (DESIGN.md, "Streams, not files"):
   from the same logical worker as in an uninterrupted run.
 * Bad samples (undecodable image, missing caption, unreadable shard) are skipped and counted;
   the counts travel with every batch and are logged.
+* A shard set that can no longer yield a sample ends the run instead of hanging it (drawing
+  with replacement would otherwise loop forever without a batch): once every shard of the set
+  (at most ``GIVE_UP_AFTER_SHARDS`` distinct ones) has been drawn since the set's last good
+  sample, and those draws read no sample at all, or the last ``GIVE_UP_AFTER_FAILURES`` samples
+  read from it all failed to decode. The worker hands the error to the rank's main process,
+  where :class:`TrainLoader` raises it as the engine's ``TrainingAborted``: one line, exit 1.
 """
 
 from __future__ import annotations
@@ -34,11 +40,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from data_tools.mixture import ShardSet, sample_shards
+from data_tools.mixture import ShardSet, draw_shards, drawable_shards
 from data_tools.shard_writer import IMAGE_EXTENSIONS
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# When a shard set is given up on (module docstring). 1000 bad samples in a row from a set
+# whose every drawn shard was read is no longer bad luck: a set with 10% good shards passes
+# 1000 draws without one of them with probability 0.9**1000 (1e-46).
+GIVE_UP_AFTER_SHARDS = 1000
+GIVE_UP_AFTER_FAILURES = 1000
+_SET_KEY = "__set__"  # which set of the mixture a raw sample was drawn from
+_STREAM_ERROR = "stream_error"  # the one item a worker yields when its stream cannot go on
 
 
 def ordered_dataset(pattern: str) -> wds.WebDataset:
@@ -124,6 +137,64 @@ class _ShardErrorCounter:
         return True
 
 
+class StreamStalled(RuntimeError):
+    """A shard set of the stream can no longer yield a sample."""
+
+
+class _SetWatch:
+    """Notices a shard set that yields nothing, per the rule in the module docstring.
+
+    Everything counts from the set's last sign of life (a good sample; while replaying to a
+    resume point, any sample): which of its shards were drawn, how many samples were read from
+    them, how many of its samples failed to decode. Draws are in order with the reads (a shard
+    is read to its end before the next draw), decodes lag behind by the shuffle buffer, which
+    is why a raw sample is tagged with its set.
+    """
+
+    def __init__(self, shard_sets: list[ShardSet]) -> None:
+        self.sets = shard_sets
+        self.needed = [min(drawable_shards(s), GIVE_UP_AFTER_SHARDS) for s in shard_sets]
+        self.drawn: list[set[str]] = [set() for _ in shard_sets]
+        self.read = [0] * len(shard_sets)
+        self.failed = [0] * len(shard_sets)
+        self.current: int | None = None
+        for index, needed in enumerate(self.needed):
+            if needed == 0:
+                raise StreamStalled(f"shard set {shard_sets[index].pattern!r} has no samples: "
+                                    "its sample counts are 0 for every shard")
+
+    def drew(self, set_index: int, url: str) -> None:
+        if self.current is not None and self.read[self.current] == 0:
+            self._give_up_if_covered(self.current, "read no sample (empty or unreadable tars)")
+        self.current = set_index
+        self.drawn[set_index].add(url)
+
+    def tag(self, sample: dict[str, Any]) -> dict[str, Any]:
+        self.read[self.current] += 1
+        sample[_SET_KEY] = self.current
+        return sample
+
+    def alive(self, set_index: int) -> None:
+        self.drawn[set_index].clear()
+        self.read[set_index] = self.failed[set_index] = 0
+
+    def failed_to_decode(self, set_index: int) -> None:
+        self.failed[set_index] += 1
+        if self.failed[set_index] >= GIVE_UP_AFTER_FAILURES:
+            self._give_up_if_covered(
+                set_index, f"the last {self.failed[set_index]} samples read from them all "
+                           "failed to decode")
+
+    def _give_up_if_covered(self, set_index: int, what: str) -> None:
+        drawn = len(self.drawn[set_index])
+        if drawn >= self.needed[set_index]:
+            shard_set = self.sets[set_index]
+            raise StreamStalled(
+                f"shard set {shard_set.pattern!r} yields no usable samples: {drawn} of its "
+                f"{len(shard_set.urls)} shards were drawn since its last good sample and {what}"
+                "; check it with python -m data_tools.inspect")
+
+
 def _sample_seed(*parts: int) -> int:
     seed = 0
     for part in parts:
@@ -172,26 +243,48 @@ class ResumableStream(IterableDataset):
         physical = info.id if info is not None else 0
         return (physical + self.state.micro_batches) % self.num_workers
 
-    def _shuffled_samples(self, worker: int, errors: _ShardErrorCounter) -> Iterator[dict]:
+    def _shuffled_samples(self, worker: int, errors: _ShardErrorCounter,
+                          watch: _SetWatch) -> Iterator[dict]:
         shard_rng = random.Random(f"shards-{self.seed}-{self.rank}-{worker}")
-        urls = ({"url": url} for url in sample_shards(self.shard_sets, shard_rng))
-        samples = tarfile_samples(urls, handler=errors)
+        urls = _watched_draws(self.shard_sets, shard_rng, watch)
+        samples = (watch.tag(sample) for sample in tarfile_samples(urls, handler=errors))
         shuffle_rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{worker}")
         return wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=shuffle_rng)(samples)
 
     def _decode_seeded(self, sample: dict[str, Any], worker: int, index: int) -> tuple:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.seed, self.rank, worker, index))
-            return self.decode(sample)
+        """Decode with every RNG an augmentation may draw from seeded from the sample's place
+        in the stream: torch (torchvision, open_clip) and Python's ``random`` (timm's crops and
+        RandAugment), so a resumed stream augments each sample exactly as before."""
+        seed = _sample_seed(self.seed, self.rank, worker, index)
+        python_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                return self.decode(sample)
+        finally:
+            random.setstate(python_state)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches; if the stream stalls (see :class:`_SetWatch`), one ``{"stream_error":
+        message}`` item instead, then the end (a worker's exception would reach the main
+        process as a traceback; this reaches it as a message :class:`TrainLoader` raises)."""
+        try:
+            yield from self._batches()
+        except StreamStalled as error:
+            yield {_STREAM_ERROR: str(error)}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         worker = self._logical_worker()
         start = self.state.workers[worker]
         errors = _ShardErrorCounter()
+        watch = _SetWatch(self.shard_sets)
         bad_samples, bad_shards_before_resume = start.bad_samples, None
         decoded: list[tuple] = []
-        for index, sample in enumerate(self._shuffled_samples(worker, errors)):
+        for index, sample in enumerate(self._shuffled_samples(worker, errors, watch)):
+            set_index = sample.pop(_SET_KEY)
             if index < start.consumed:
+                watch.alive(set_index)  # it was in the stream before the resume point
                 continue  # replaying up to the resume point: no decoding
             if bad_shards_before_resume is None:
                 # Errors met while replaying were already counted in the saved state.
@@ -200,7 +293,9 @@ class ResumableStream(IterableDataset):
                 decoded.append(self._decode_seeded(sample, worker, index))
             except Exception:  # any undecodable sample is skipped and counted, never fatal
                 bad_samples += 1
+                watch.failed_to_decode(set_index)
                 continue
+            watch.alive(set_index)
             if len(decoded) == self.batch_size:
                 position = WorkerPosition(
                     consumed=index + 1,
@@ -209,6 +304,13 @@ class ResumableStream(IterableDataset):
                 )
                 yield {**self.collate(decoded), "worker": worker, "position": asdict(position)}
                 decoded = []
+
+
+def _watched_draws(shard_sets: list[ShardSet], rng: random.Random,
+                   watch: _SetWatch) -> Iterator[dict[str, str]]:
+    for set_index, url in draw_shards(shard_sets, rng):
+        watch.drew(set_index, url)
+        yield {"url": url}
 
 
 class ImageTextDecoder:
@@ -251,6 +353,8 @@ class TrainLoader:
             prefetch_factor=4 if num_workers else None,
             persistent_workers=False,
             worker_init_fn=_ignore_preemption_signals,
+            # Pinned batches make the trainer's non_blocking copies to the GPU asynchronous.
+            pin_memory=torch.cuda.is_available(),
         )
         self._iterator: Iterator | None = None
 
@@ -261,6 +365,9 @@ class TrainLoader:
         if self._iterator is None:
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
+        if _STREAM_ERROR in batch:
+            self.close()
+            raise _aborted(batch[_STREAM_ERROR])
         self.state.workers[batch.pop("worker")] = WorkerPosition(**batch.pop("position"))
         self.state.micro_batches += 1
         return batch
@@ -273,6 +380,14 @@ class TrainLoader:
         block the interpreter's exit, which joins its child processes."""
         # Dropping the last reference runs the DataLoader iterator's worker shutdown.
         self._iterator = None
+
+
+def _aborted(message: str) -> Exception:
+    """The engine's ``TrainingAborted`` (the job reports it in one line and exits 1), imported
+    here because the engine imports this module."""
+    from pretrain.engine import TrainingAborted
+
+    return TrainingAborted(message)
 
 
 def build_train_loader(

@@ -56,9 +56,9 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_img2dataset_set(folder: Path) -> Path:
+def write_img2dataset_set(folder: Path, rows: list[list[str]] = ROWS) -> Path:
     folder.mkdir(parents=True)
-    for shard, statuses in enumerate(ROWS):
+    for shard, statuses in enumerate(rows):
         rows = []
         with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
             for index, status in enumerate(statuses):
@@ -169,13 +169,17 @@ def test_write_sizes_refuses_a_damaged_set(downloaded: Path) -> None:
     assert not (downloaded / "sizes.json").exists()
 
 
-def test_pretrain_check_accepts_an_img2dataset_set(downloaded: Path) -> None:
+def test_pretrain_check_accepts_an_img2dataset_set(tmp_path: Path) -> None:
+    """Even with a shard whose every download failed (a tar without members, 0 successes)."""
+    downloaded = write_img2dataset_set(tmp_path / "laion", [*ROWS, ["failed_to_download"] * 2])
+    pattern = f"{downloaded}/{{00000..00002}}.tar"
+    assert shard_set(pattern).sizes == (2, 3, 0)
     result = subprocess.run(
         [sys.executable, "launch/pretrain.py", "--check", "--config", "demo",
-         "--set", f"data.train={downloaded}/{{00000..00001}}.tar"],
+         "--set", f"data.train={pattern}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert f"{downloaded}/{{00000..00001}}.tar" in result.stdout
+    assert pattern in result.stdout
 
 
 def test_resharding_keeps_img2dataset_metadata(downloaded: Path, tmp_path: Path) -> None:
