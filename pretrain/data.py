@@ -1,6 +1,6 @@
 """The pretraining data stream: weighted shard sets -> decoded, augmented, tokenized batches.
 
-Design points (DESIGN.md, "Streams, not files"):
+Design points:
 
 * Shards are drawn with replacement from the mixture by a generator seeded per (seed, rank,
   worker), so every rank and worker has an endless stream whatever the number of shards, and
