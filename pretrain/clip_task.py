@@ -11,13 +11,14 @@ import torch
 
 from data_tools.mixture import load_mixture
 from pretrain import distributed
+from pretrain.clip_eval import clip_evaluators
 from pretrain.config import PretrainConfig
-from pretrain.data import StreamState, TrainLoader, build_train_loader
+from pretrain.data import StreamState, TrainLoader, build_train_loader, eval_transform
 from pretrain.export import write_clip_exports
 from pretrain.flops import train_flops_per_sample
 from pretrain.loss import ContrastiveTask, build_loss
 from pretrain.models.clip import build_clip, build_tokenizer
-from pretrain.task import Task, stream_epoch_samples
+from pretrain.task import Evaluator, Task, stream_epoch_samples
 
 
 def clip_param_groups(task: torch.nn.Module, cfg: PretrainConfig) -> list[dict[str, Any]]:
@@ -76,6 +77,13 @@ class ClipTask(Task):
             scale=cfg.data.scale,
             state=state,
         )
+
+    def evaluator(self, rank: int, world_size: int) -> dict[str, Evaluator]:
+        cfg = self.cfg
+        return clip_evaluators(
+            cfg.eval.zero_shot, cfg.eval.retrieval, eval_transform(cfg.model.image.image_size),
+            build_tokenizer(cfg.model.text.context_length), cfg.eval.batch_size,
+            cfg.data.workers, rank, world_size)
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         write_clip_exports(state_dict, self.cfg.model.model_dump(mode="json"), out_dir)

@@ -243,10 +243,49 @@ class LossConfig(Section):
     max_logit_scale: float = Field(100.0, gt=1)
 
 
+class ZeroShotEval(Section):
+    """Zero-shot classification of a labelled image set through text prompts."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")  # metrics: eval/<name>/top1, top5
+    # An ImageFolder root (one folder per class, e.g. ImageNet val in wnid folders) or a
+    # brace pattern of labelled shards.
+    images: str
+    label_key: str | None = None  # shards: the .json field holding the class (name or index)
+    # "imagenet": open_clip's ImageNet names (for wnid folders, or indices 0..999); "folders":
+    # the folder names themselves; a text file with one name per line; or the names.
+    classes: str | list[str] = "imagenet"
+    # "openai": OpenAI's 80 ImageNet templates (open_clip's); a text file with one template per
+    # line ("{}" marks the class); or the templates.
+    templates: str | list[str] = "openai"
+    limit: int | None = Field(None, ge=1)  # at most this many images (the first in order)
+
+
+class RetrievalEval(Section):
+    """Image-to-text and text-to-image recall on held-out image-caption shards (several
+    captions per image when the sample's .json has a ``captions`` list)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")  # metrics: eval/<name>/i2t_r1, ...
+    shards: str
+    limit: int | None = Field(None, ge=1)
+
+
+class PretrainEvalConfig(EvalConfig):
+    zero_shot: list[ZeroShotEval] = Field(default_factory=list)
+    retrieval: list[RetrievalEval] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> PretrainEvalConfig:
+        names = [e.name for e in [*self.zero_shot, *self.retrieval]]
+        if len(names) != len(set(names)):
+            raise ValueError(f"evaluation names must be unique, got {names}")
+        return self
+
+
 class PretrainConfig(JobConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
+    eval: PretrainEvalConfig = Field(default_factory=PretrainEvalConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -27,7 +27,7 @@ from pretrain.data import StreamState
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.metrics import MetricsLogger, peak_memory_gb
 from pretrain.schedule import resolve_schedule
-from pretrain.task import Batch, Evaluator, LossOutput, Task
+from pretrain.task import Batch, Evaluator, LossOutput, Task, run_evaluation
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -87,8 +87,10 @@ class Trainer:
         self.nonfinite_batches = 0  # dropped micro-batches, over the whole run
         self.nonfinite_in_a_row = 0
         self.best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the best eval
-        self.evaluator: Evaluator | None = (task.evaluator(self.rank, self.world_size)
-                                            if cfg.eval.enabled else None)
+        self.evaluator: Evaluator | dict[str, Evaluator] | None = (
+            task.evaluator(self.rank, self.world_size) if cfg.eval.enabled else None)
+        if isinstance(self.evaluator, dict) and not self.evaluator:
+            self.evaluator = None
         self.loader = task.build_loader(self.rank, self._resume(cfg.data.workers))
         self.metrics = MetricsLogger(self.run_dir, cfg.model_dump(mode="json"), cfg.log.wandb,
                                      enabled=self.is_main, resume_step=self.step)
@@ -249,34 +251,17 @@ class Trainer:
                 {"step": self.step, "results": results, "best": self.best}, indent=2))
         return improved
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Every rank evaluates its slice; the evaluator reduces. Under ZeRO-3 each forward
-        gathers parameters collectively, so ranks whose slice ran out repeat their last batch
-        (not counted) until every rank is done."""
-        evaluator = self.evaluator
+    def evaluate(self) -> dict[str, Any]:
+        """Every rank evaluates its slice and the evaluators reduce (see
+        :func:`pretrain.task.run_evaluation`); several named evaluators run one after the
+        other, their metrics prefixed with the name."""
         module = self.engine.module
-        was_training = module.training
-        module.eval()
-        evaluator.reset()
-        batches = iter(evaluator.batches())
-        previous: Batch | None = None
-        try:
-            while True:
-                batch = next(batches, None)
-                if not distributed.any_rank(batch is not None):
-                    break
-                counted = batch is not None
-                if batch is None:
-                    if previous is None:
-                        raise ValueError(f"rank {self.rank} has no validation sample: the "
-                                         "split has fewer samples than there are ranks")
-                    batch = previous
-                previous = batch
-                evaluator.update(module, self.to_device(batch), counted)
-            return evaluator.compute()
-        finally:
-            module.train(was_training)
+        if isinstance(self.evaluator, dict):
+            return {f"{name}/{metric}": value
+                    for name, evaluator in self.evaluator.items()
+                    for metric, value in run_evaluation(evaluator, module,
+                                                        self.to_device).items()}
+        return run_evaluation(self.evaluator, module, self.to_device)
 
     def _track_best(self, results: dict[str, float]) -> bool:
         metric = self.cfg.eval.best_metric

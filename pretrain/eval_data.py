@@ -1,5 +1,5 @@
-"""Validation splits read once, in parallel: every sample of a shard pattern exactly once across
-all ranks and their loader workers.
+"""Validation splits read once, in parallel: every sample of a shard pattern (or of any listed
+split, such as an image folder) exactly once across all ranks and their loader workers.
 
 Sample ``i`` of the split (in shard order) belongs to slot ``i mod (ranks x workers)``, slot
 ``rank x workers + worker``: slices differ by at most one sample per slot, whatever the number of
@@ -10,7 +10,8 @@ that do not decode are skipped and counted; each worker's last batch carries its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,11 +27,12 @@ class SlicedSplit(IterableDataset):
     dict of them.
     """
 
-    def __init__(self, pattern: str, decode: Callable[[dict[str, Any]], Any],
-                 collate: Callable[[list[Any]], dict[str, Any]], batch_size: int, rank: int,
-                 world_size: int) -> None:
+    def __init__(self, pattern: str | Callable[[], Iterable[Any]],
+                 decode: Callable[[Any], Any], collate: Callable[[list[Any]], dict[str, Any]],
+                 batch_size: int, rank: int, world_size: int, limit: int | None = None) -> None:
         super().__init__()
-        self.pattern = pattern
+        self.pattern = pattern  # shards, or a function listing the split's items in order
+        self.limit = limit  # only the first ``limit`` items of the split
         self.decode, self.collate = decode, collate
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
@@ -41,7 +43,11 @@ class SlicedSplit(IterableDataset):
         slot, slots = self.rank * workers + worker, self.world_size * workers
         items: list[Any] = []
         skipped = 0
-        for index, sample in enumerate(ordered_dataset(self.pattern)):
+        source = (ordered_dataset(self.pattern) if isinstance(self.pattern, str)
+                  else self.pattern())
+        for index, sample in enumerate(source):
+            if self.limit is not None and index >= self.limit:
+                break
             if index % slots != slot:
                 continue
             try:
@@ -64,3 +70,23 @@ def sliced_loader(split: SlicedSplit, workers: int) -> DataLoader:
     return DataLoader(split, batch_size=None, num_workers=workers,
                       pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if workers else None)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The classes (sorted sub-folder names, e.g. ImageNet wnids) of an ImageFolder tree and
+    its images as ``(path, class index)`` in a fixed order; raises naming the folder when it has
+    no class folder or no image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such image folder: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    items = [(path, index) for index, name in enumerate(classes)
+             for path in sorted((root / name).rglob("*"))
+             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    if not classes or not items:
+        raise ValueError(f"{root}: expected one sub-folder of images per class, found "
+                         f"{len(classes)} folders and {len(items)} images")
+    return classes, items

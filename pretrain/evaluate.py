@@ -1,96 +1,112 @@
-"""Zero-shot classification of an exported CLIP model on labelled held-out shards.
+"""Zero-shot classification and retrieval of an exported CLIP model: the evaluations a
+pretraining run configures under ``eval:``, run on its export in one process.
 
-A classifier is built with open_clip's ``build_zero_shot_classifier``: one text embedding per
-class, averaged over prompt templates. Class names and templates come from the caller (the demo
-passes its synthetic shapes' prompts; a prompts file gives any others).
+    python -m pretrain.evaluate --export runs/demo/pretrain/export/clip.pt   # the run's evals
+    python -m pretrain.evaluate --export clip.pt --zero-shot /data/imagenet/val
+    python -m pretrain.evaluate --export clip.pt --retrieval "/data/coco_val/{00000..00004}.tar"
 
-    python -m pretrain.evaluate --export runs/demo/pretrain/export/clip.pt \\
-        --shards "data/demo/heldout/{00000..00001}.tar" --label-key color --prompts prompts.json
-
-``prompts.json`` holds ``{"classnames": [...], "templates": ["a photo of a {}.", ...]}``; the
-label field of each sample's ``.json`` holds its class name.
+With neither ``--zero-shot`` nor ``--retrieval``, the evaluations of the run's own config (the
+``config.yaml`` next to the export's folder) run. ``--zero-shot`` takes an ImageFolder (ImageNet
+val in wnid folders gets open_clip's class names and OpenAI's templates by default) or labelled
+shards with ``--label-key``; ``--classes`` / ``--templates`` take ``imagenet`` / ``openai``,
+``folders`` (the folder names) or a text file with one entry per line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import torch
-from open_clip.zero_shot_classifier import build_zero_shot_classifier
+import yaml
+from torch import nn
 
-from pretrain.data import eval_transform, ordered_dataset
+from pretrain.clip_eval import clip_evaluators
+from pretrain.config import PretrainEvalConfig, RetrievalEval, ZeroShotEval
+from pretrain.data import eval_transform
 from pretrain.export import load_exported_clip
 from pretrain.models.clip import build_tokenizer
+from pretrain.task import run_evaluation
 
 
-def load_labelled(pattern: str, transform: Callable, limit: int | None = None
-                  ) -> tuple[torch.Tensor, list[dict]]:
-    """Images (transformed) and metadata of labelled shards, in shard order."""
-    dataset = ordered_dataset(pattern).decode("pil")
-    images, metas = [], []
-    for sample in dataset:
-        images.append(transform(sample["jpg"].convert("RGB")))
-        metas.append(sample["json"])
-        if limit is not None and len(images) >= limit:
-            break
-    if not images:
-        raise ValueError(f"no samples in {pattern}")
-    return torch.stack(images), metas
+class _ClipHolder(nn.Module):
+    """What the evaluators call: a module with a ``clip`` attribute (as the trainer's is)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
 
 
-@torch.no_grad()
-def encode_images(clip: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
-                  ) -> torch.Tensor:
-    chunks = images.split(batch_size)
-    return torch.cat([clip.encode_image(chunk, normalize=True) for chunk in chunks])
+def evaluate_export(export: str | Path, zero_shot: list[ZeroShotEval],
+                    retrieval: list[RetrievalEval], batch_size: int = 64, workers: int = 0
+                    ) -> dict[str, Any]:
+    """Metrics ``<name>/<metric>`` of the export (``clip.pt``) on the given evaluations."""
+    clip, model_cfg = load_exported_clip(export)
+    evaluators = clip_evaluators(zero_shot, retrieval, eval_transform(model_cfg.image.image_size),
+                                 build_tokenizer(model_cfg.text.context_length), batch_size,
+                                 workers, rank=0, world_size=1)
+    module = _ClipHolder(clip)
+    return {f"{name}/{metric}": value for name, evaluator in evaluators.items()
+            for metric, value in run_evaluation(evaluator, module, lambda batch: batch).items()}
 
 
-@torch.no_grad()
-def zero_shot_top1(clip: torch.nn.Module, tokenizer: Callable, image_features: torch.Tensor,
-                   labels: list[str], classnames: list[str], templates: list[str]) -> float:
-    weights = build_zero_shot_classifier(clip, tokenizer, classnames, templates,
-                                         num_classes_per_batch=None)
-    predictions = (image_features @ weights).argmax(dim=1)
-    targets = torch.tensor([classnames.index(label) for label in labels])
-    return (predictions == targets).float().mean().item()
-
-
-def zero_shot_accuracy(export_path: str | Path, shards: str,
+def zero_shot_accuracy(export: str | Path, shards: str,
                        prompts: dict[str, tuple[list[str], list[str]]],
                        limit: int | None = None) -> dict[str, float]:
-    """Top-1 of the export for each label field of ``prompts`` (field -> (class names,
-    templates)), over the same images: ``{"zero_shot_top1_<field>": ..., "zero_shot_samples"}``.
-    """
-    clip, model_cfg = load_exported_clip(export_path)
-    tokenizer = build_tokenizer(model_cfg.text.context_length)
-    images, metas = load_labelled(shards, eval_transform(model_cfg.image.image_size), limit)
-    features = encode_images(clip, images)
-    results = {}
-    for field, (classnames, templates) in prompts.items():
-        labels = [meta[field] for meta in metas]
-        results[f"zero_shot_top1_{field}"] = zero_shot_top1(
-            clip, tokenizer, features, labels, classnames, templates)
-    results["zero_shot_samples"] = len(metas)
-    return results
+    """Top-1 of the export on labelled shards for each label field of ``prompts`` (field ->
+    (class names, templates)): ``{"zero_shot_top1_<field>": ...}`` (what the demo reports)."""
+    specs = [ZeroShotEval(name=field, images=shards, label_key=field, classes=names,
+                          templates=templates, limit=limit)
+             for field, (names, templates) in prompts.items()]
+    results = evaluate_export(export, specs, [])
+    summary = {f"zero_shot_top1_{field}": results[f"{field}/top1"] for field in prompts}
+    summary["zero_shot_samples"] = next(results[f"{f}/samples"] for f in prompts)
+    return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Zero-shot top-1 on labelled shards")
-    parser.add_argument("--export", required=True, help="clip.pt written by pretrain.export")
-    parser.add_argument("--shards", required=True, help="brace pattern of held-out shards")
-    parser.add_argument("--label-key", required=True, help="field of each sample's .json")
-    parser.add_argument("--prompts", required=True, type=Path,
-                        help='JSON file: {"classnames": [...], "templates": [...]}')
-    parser.add_argument("--limit", type=int, default=None)
+def _run_evaluations(export: Path) -> PretrainEvalConfig:
+    config = export.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: no run config next to the export; name the "
+                                "evaluations with --zero-shot / --retrieval")
+    return PretrainEvalConfig.model_validate(yaml.safe_load(config.read_text()).get("eval", {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export", required=True, type=Path, help="clip.pt of an export")
+    parser.add_argument("--zero-shot", default=None, help="ImageFolder root or labelled shards")
+    parser.add_argument("--label-key", default=None, help="shards: the class field of .json")
+    parser.add_argument("--classes", default="imagenet")
+    parser.add_argument("--templates", default="openai")
+    parser.add_argument("--retrieval", default=None, help="image-caption shards")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    prompts = json.loads(args.prompts.read_text())
-    result = zero_shot_accuracy(args.export, args.shards, {
-        args.label_key: (prompts["classnames"], prompts["templates"])}, args.limit)
-    print(json.dumps(result, indent=2))
+    try:
+        if args.zero_shot is None and args.retrieval is None:
+            evals = _run_evaluations(args.export)
+            zero_shot, retrieval = evals.zero_shot, evals.retrieval
+        else:
+            zero_shot = [ZeroShotEval(name="zero_shot", images=args.zero_shot,
+                                      label_key=args.label_key, classes=args.classes,
+                                      templates=args.templates, limit=args.limit)
+                         ] if args.zero_shot else []
+            retrieval = [RetrievalEval(name="retrieval", shards=args.retrieval,
+                                       limit=args.limit)] if args.retrieval else []
+        if not zero_shot and not retrieval:
+            raise ValueError("nothing to evaluate: the run's config has no eval.zero_shot or "
+                             "eval.retrieval; give --zero-shot or --retrieval")
+        results = evaluate_export(args.export, zero_shot, retrieval, args.batch_size,
+                                  args.workers)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"evaluate: {error}", flush=True)
+        return 2
+    print(json.dumps(results, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

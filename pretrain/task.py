@@ -14,7 +14,7 @@ leaving targets in their own precision.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,12 @@ class Evaluator(ABC):
     @abstractmethod
     def batches(self) -> Iterable[Batch]:
         """This rank's slice of the split, as CPU batches."""
+
+    def prepare(self, module: nn.Module) -> None:  # noqa: B027 (optional hook)
+        """Called on every rank after :meth:`reset`, before the batches, with the module in
+        eval mode: work every evaluation needs once (e.g. the text embeddings of zero-shot
+        class prompts). Under ZeRO-3 its forwards are collective, so every rank must run the
+        same ones."""
 
     @abstractmethod
     def reset(self) -> None:
@@ -90,8 +96,10 @@ class Task(ABC):
         """Last change to a batch on the device before the forward (e.g. mixup)."""
         return batch
 
-    def evaluator(self, rank: int, world_size: int) -> Evaluator | None:
-        """The in-training evaluation, if the task has one."""
+    def evaluator(self, rank: int, world_size: int) -> Evaluator | dict[str, Evaluator] | None:
+        """The in-training evaluation, if the task has one: one evaluator (metrics logged as
+        ``eval/<metric>``) or several by name (``eval/<name>/<metric>``), run one after the
+        other."""
         return None
 
     def flops_per_sample(self) -> float:
@@ -102,7 +110,7 @@ class Task(ABC):
         """Task-specific values for each log record (called on every rank)."""
         return {}
 
-    def after_optimizer_step(self, module: nn.Module, step: int) -> None:
+    def after_optimizer_step(self, module: nn.Module, step: int) -> None:  # noqa: B027
         """Called on every rank after each optimizer step (``step`` counts from 1), e.g. to
         update an EMA of the weights."""
 
@@ -112,7 +120,7 @@ class Task(ABC):
         only (the file is read with ``weights_only=True``)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Restore what :meth:`state_dict` returned (called on resume, before the loop)."""
 
 
@@ -123,3 +131,47 @@ def stream_epoch_samples(shard_sets: list[ShardSet], override: int | None) -> in
         return override
     sizes = [s.num_samples for s in shard_sets]
     return None if None in sizes else sum(sizes)
+
+
+@torch.no_grad()
+def run_evaluation(evaluator: Evaluator, module: nn.Module,
+                   to_device: Callable[[Batch], Batch]) -> dict[str, Any]:
+    """One evaluation on this rank; every rank of the job must call it together.
+
+    Under ZeRO-3 each forward gathers parameters collectively, so ranks whose slice ran out
+    repeat their last batch (not counted) until every rank is done. Without a process group
+    (one process) this is a plain loop. Evaluation draws random numbers (its loader's worker
+    seeds), so it runs on forked RNGs: training's random stream, hence its results, do not
+    depend on when or how often it evaluates.
+    """
+    was_training = module.training
+    module.eval()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return _evaluate(evaluator, module, to_device)
+    finally:
+        module.train(was_training)
+
+
+def _evaluate(evaluator: Evaluator, module: nn.Module,
+              to_device: Callable[[Batch], Batch]) -> dict[str, Any]:
+    from pretrain import distributed
+
+    evaluator.reset()
+    evaluator.prepare(module)
+    batches = iter(evaluator.batches())
+    previous: Batch | None = None
+    while True:
+        batch = next(batches, None)
+        if not distributed.any_rank(batch is not None):
+            break
+        counted = batch is not None
+        if batch is None:
+            if previous is None:
+                raise ValueError(f"rank {distributed.rank()} has no validation sample: the "
+                                 "split has fewer samples than there are ranks")
+            batch = previous
+        previous = batch
+        evaluator.update(module, to_device(batch), counted)
+    return evaluator.compute()

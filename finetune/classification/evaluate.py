@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from finetune.classification.data import (
@@ -16,9 +15,9 @@ from finetune.classification.data import (
 from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationData
 from pretrain.eval_data import SlicedSplit, sliced_loader
+from pretrain.task import run_evaluation
 
 
-@torch.no_grad()
 def evaluate_classifier(model: nn.Module, data: ClassificationData, batch_size: int = 128,
                         workers: int = 0) -> dict[str, Any]:
     """Top-1 / top-5 of ``model`` (a timm classifier) over every sample of ``data.val``."""
@@ -27,7 +26,4 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData, batch_size: 
     split = SlicedSplit(data.val, LabelledImageDecoder(data, classification_transform(
         data, training=False)), collate_labelled, batch_size, rank=0, world_size=1)
     evaluator = AccuracyEvaluator(sliced_loader(split, workers), data.num_classes)
-    module = ClassifierModule(model).eval()
-    for batch in evaluator.batches():
-        evaluator.update(module, batch, counted=True)
-    return evaluator.compute()
+    return run_evaluation(evaluator, ClassifierModule(model), lambda batch: batch)
