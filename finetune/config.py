@@ -67,7 +67,94 @@ class ClassificationConfig(JobConfig):
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(best_metric="top1"))
 
 
-TASK_CONFIGS: dict[str, type[JobConfig]] = {"classification": ClassificationConfig}
+class SegmentationModel(Section):
+    """UPerNet (+ auxiliary FCN head) or Semantic FPN on the encoder's stride 4-32 features."""
+
+    kind: Literal["upernet", "semantic_fpn"] = "upernet"
+    decoder_channels: int = Field(512, ge=8)  # UPerNet decoder / Semantic FPN neck width
+    head_channels: int = Field(128, ge=8)  # Semantic FPN head (mmseg's FPNHead channels)
+    dropout: float = Field(0.1, ge=0, lt=1)  # before each classifier
+    aux_weight: float = Field(0.4, ge=0)  # UPerNet's auxiliary FCN head on stride 16; 0: none
+    aux_channels: int = Field(256, ge=8)
+    out_indices: tuple[int, int, int, int] = (0, 1, 2, 3)
+    sync_bn: bool = True  # BatchNorm over all ranks (on GPUs; CPU ranks keep their own)
+
+
+class SegmentationData(StreamConfig):
+    # <root>/images/<split>/*.jpg and <root>/annotations/<split>/*.png (ADEChallengeData2016)
+    root: str
+    train_split: str = "training"
+    val_split: str = "validation"
+    image_dir: str = "images"
+    label_dir: str = "annotations"
+    num_classes: int = Field(150, ge=2)
+    ignore_index: int = Field(255, ge=0)
+    reduce_zero_label: bool = True  # ADE20K: 0 ("other") -> ignore_index, k -> k - 1
+    # names in index order; "ade20k": the 150 names shipped with the package; null: 0..K-1
+    classes: Literal["ade20k"] | list[str] | None = None
+    crop_size: int = Field(512, ge=32)
+    scale: tuple[int, int] = (2048, 512)  # rescale to fit (long, short) x a random ratio
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = Field(0.75, gt=0, le=1)  # 1 disables the crop retries
+    flip: float = Field(0.5, ge=0, le=1)
+    photometric: bool = True
+    # our encoders are pretrained with OpenAI's statistics; official ImageNet checkpoints
+    # were trained with (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @model_validator(mode="after")
+    def _classes_match(self) -> SegmentationData:
+        if isinstance(self.classes, list) and len(self.classes) != self.num_classes:
+            raise ValueError("data.classes must list data.num_classes names")
+        if self.classes == "ade20k" and self.num_classes != 150:
+            raise ValueError("data.classes: ade20k names 150 classes, data.num_classes differs")
+        if self.ignore_index < self.num_classes:
+            raise ValueError("data.ignore_index must not be a class index (< num_classes)")
+        if self.ratio_range[0] > self.ratio_range[1] or self.ratio_range[0] <= 0:
+            raise ValueError("data.ratio_range must be (low, high) with 0 < low <= high")
+        return self
+
+
+class SegmentationEval(EvalConfig):
+    """Inference at evaluation: ``whole`` or ``slide`` windows on the image rescaled to fit
+    ``scale``; more than one ratio, or ``flip``, averages the probabilities of every view."""
+
+    best_metric: str | None = "mIoU"
+    mode: Literal["whole", "slide"] = "whole"
+    scale: tuple[int, int] = (2048, 512)
+    crop: int = Field(512, ge=32)
+    stride: int = Field(341, ge=1)
+    ratios: list[float] = Field(default_factory=lambda: [1.0])
+    flip: bool = False
+    predictions_dir: str | None = None  # index PNGs (dataset label space) of every image
+    overlays: int = Field(0, ge=0)  # coloured overlays of the first this many images
+
+    @model_validator(mode="after")
+    def _ratios(self) -> SegmentationEval:
+        if not self.ratios or min(self.ratios) <= 0:
+            raise ValueError("eval.ratios must list positive scale ratios")
+        if self.overlays and self.predictions_dir is None:
+            raise ValueError("eval.overlays: set eval.predictions_dir (they are written there)")
+        return self
+
+
+class SegmentationConfig(JobConfig):
+    task: Literal["segmentation"]
+    encoder: EncoderConfig
+    model: SegmentationModel = Field(default_factory=SegmentationModel)
+    data: SegmentationData
+    eval: SegmentationEval = Field(default_factory=SegmentationEval)
+
+    @model_validator(mode="after")
+    def _supported(self) -> SegmentationConfig:
+        if self.encoder.layer_decay is not None:
+            raise ValueError("encoder.layer_decay: the segmentation recipes use none")
+        return self
+
+
+TASK_CONFIGS: dict[str, type[JobConfig]] = {"classification": ClassificationConfig,
+                                            "segmentation": SegmentationConfig}
 
 
 class FinetuneConfig:

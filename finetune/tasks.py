@@ -12,11 +12,12 @@ import pickle
 from pathlib import Path
 
 from data_tools.mixture import load_mixture, shard_set
-from finetune.config import ClassificationConfig, EncoderConfig
+from finetune.config import ClassificationConfig, EncoderConfig, SegmentationConfig
 from pretrain.config import JobConfig
 from pretrain.task import Task
 
-TASK_CLASSES = {"classification": "finetune.classification.task:ClassificationTask"}
+TASK_CLASSES = {"classification": "finetune.classification.task:ClassificationTask",
+                "segmentation": "finetune.segmentation.task:SegmentationTask"}
 
 
 def build_task(cfg: JobConfig) -> Task:
@@ -60,3 +61,7 @@ def check_inputs(cfg: JobConfig) -> None:
         check_encoder(cfg.encoder, num_classes=cfg.data.num_classes)
         load_mixture(cfg.data.train)
         shard_set(cfg.data.val)
+    if isinstance(cfg, SegmentationConfig):
+        from finetune.segmentation.checks import check_segmentation_inputs
+
+        check_segmentation_inputs(cfg)

@@ -1,0 +1,295 @@
+"""Image / mask folders (the ``ADEChallengeData2016`` layout) -> segmentation batches.
+
+Layout: ``<root>/images/<split>/<name>.jpg`` (or .png) with ``<root>/annotations/<split>/
+<name>.png``, a single-channel PNG of class indices. With ``reduce_zero_label`` (ADE20K) label
+0 ("other") becomes the ignore index and 1..K become 0..K-1.
+
+Training stream (:class:`FolderStream`), exactly resumable like :mod:`pretrain.data`'s: every
+epoch is a permutation of the images seeded by (seed, epoch), the same on every rank; item ``g``
+of the concatenated epochs belongs to slot ``g mod (ranks x workers)``, so ranks and workers
+split every epoch between them; each item's augmentation draws from a generator seeded by
+(seed, g). A worker's position is the number of items it has taken, so resuming is arithmetic:
+nothing is read or decoded to get back to the saved position. It plugs into
+:class:`pretrain.data.TrainLoader` (positions per logical worker, worker rotation on resume).
+
+Validation (:class:`FolderSplit`): image ``i`` (in name order) belongs to slot
+``i mod (ranks x workers)``, one image per batch at its own size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from finetune.segmentation.inference import rescaled_size
+from pretrain.data import StreamState, WorkerPosition
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+Sample = tuple[Path, Path]  # image file, annotation file
+
+
+def list_samples(root: str | Path, split: str, image_dir: str = "images",
+                 label_dir: str = "annotations") -> list[Sample]:
+    """(image, annotation) pairs of a split, by name; raises naming the folder when it is
+    missing or empty, or when an image has no annotation."""
+    images = Path(root) / image_dir / split
+    labels = Path(root) / label_dir / split
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no such folder {folder}")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{images} holds no .jpg or .png image")
+    pairs = [(image, labels / f"{image.stem}.png") for image in files]
+    missing = [image.name for image, label in pairs if not label.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{labels}: no annotation for {len(missing)} of {len(pairs)} "
+                                f"images (e.g. {missing[0]} needs {Path(missing[0]).stem}.png)")
+    return pairs
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """RGB uint8, (3, H, W)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def read_label(path: Path) -> torch.Tensor:
+    """Class indices (H, W) int64 from a single-channel PNG (mode L, P or I)."""
+    with Image.open(path) as mask:
+        if mask.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(f"{path}: expected a single-channel index PNG, got mode {mask.mode}")
+        array = np.asarray(mask)
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def reduce_zero_label(label: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """0 -> ``ignore_index``, k -> k - 1 (ADE20K's label 0 is "other")."""
+    reduced = label - 1
+    reduced[label == 0] = ignore_index
+    reduced[label == ignore_index] = ignore_index  # already-ignored pixels stay ignored
+    return reduced
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (or 0..255 float) CHW -> normalised float."""
+    return TF.normalize(image.float() / 255.0, list(mean), list(std))
+
+
+class LoadPair:
+    """(image file, annotation file) -> (uint8 image, label after the dataset's reduction)."""
+
+    def __init__(self, reduce_zero: bool, ignore_index: int) -> None:
+        self.reduce_zero, self.ignore_index = reduce_zero, ignore_index
+
+    def __call__(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = read_image(sample[0]), read_label(sample[1])
+        if image.shape[-2:] != label.shape:
+            raise ValueError(f"{sample[1]}: mask {tuple(label.shape)} vs image "
+                             f"{tuple(image.shape[-2:])}")
+        if self.reduce_zero:
+            label = reduce_zero_label(label, self.ignore_index)
+        return image, label
+
+
+class TrainAugment:
+    """mmseg's ADE20K training pipeline: random rescale into ``scale`` x U(ratio_range)
+    keeping the aspect, random ``crop`` (retried up to 10 times until no class covers more
+    than ``cat_max_ratio`` of it), horizontal flip, photometric distortion, normalisation, and
+    padding to ``crop`` (image 0, label ``ignore_index``). Draws only from ``generator``."""
+
+    CROP_TRIES = 10
+
+    def __init__(self, crop: int, scale: Sequence[int], ratio_range: Sequence[float],
+                 cat_max_ratio: float, flip: float, photometric: bool,
+                 mean: Sequence[float], std: Sequence[float], ignore_index: int) -> None:
+        self.crop, self.scale, self.ratio_range = crop, tuple(scale), tuple(ratio_range)
+        self.cat_max_ratio, self.flip, self.photometric = cat_max_ratio, flip, photometric
+        self.mean, self.std, self.ignore_index = mean, std, ignore_index
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self._rescale(image, label, generator)
+        image, label = self._crop(image, label, generator)
+        if _uniform(generator) < self.flip:
+            image, label = image.flip(-1), label.flip(-1)
+        image = image.float()
+        if self.photometric:
+            image = photometric_distortion(image, generator)
+        image = normalize(image, self.mean, self.std)
+        pad_h, pad_w = self.crop - image.shape[-2], self.crop - image.shape[-1]
+        if pad_h > 0 or pad_w > 0:
+            image = F.pad(image, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=0.0)
+            label = F.pad(label, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=self.ignore_index)
+        return image, label
+
+    def _rescale(self, image: torch.Tensor, label: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self.ratio_range
+        ratio = low + (high - low) * _uniform(generator)
+        size = list(rescaled_size(*image.shape[-2:], [int(s * ratio) for s in self.scale]))
+        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR,
+                          antialias=False)
+        label = TF.resize(label[None], size, interpolation=TF.InterpolationMode.NEAREST)[0]
+        return image, label
+
+    def _crop(self, image: torch.Tensor, label: torch.Tensor,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = label.shape
+        for _ in range(self.CROP_TRIES):
+            top = _randint(generator, max(height - self.crop, 0) + 1)
+            left = _randint(generator, max(width - self.crop, 0) + 1)
+            crop = label[top:top + self.crop, left:left + self.crop]
+            if self.cat_max_ratio >= 1:
+                break
+            values, counts = crop.unique(return_counts=True)
+            counts = counts[values != self.ignore_index]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return image[:, top:top + self.crop, left:left + self.crop], crop
+
+
+def photometric_distortion(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """mmseg's PhotoMetricDistortion on a 0..255 float image, each step with probability 1/2:
+    brightness +-32, contrast x U(0.5, 1.5) (before or after the colour steps, at random),
+    saturation x U(0.5, 1.5) and hue +-18 of OpenCV's 180 (torchvision's colour operators)."""
+    if _coin(generator):
+        image = (image + (_uniform(generator) * 64 - 32)).clamp(0, 255)
+    contrast_first = _coin(generator)
+
+    def contrast(x: torch.Tensor) -> torch.Tensor:
+        return (x * (0.5 + _uniform(generator))).clamp(0, 255) if _coin(generator) else x
+
+    if contrast_first:
+        image = contrast(image)
+    unit = image / 255.0
+    if _coin(generator):
+        unit = TF.adjust_saturation(unit, 0.5 + _uniform(generator)).clamp(0, 1)
+    if _coin(generator):
+        unit = TF.adjust_hue(unit, (_randint(generator, 37) - 18) / 180.0)
+    image = unit * 255.0
+    if not contrast_first:
+        image = contrast(image)
+    return image
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def _randint(generator: torch.Generator, high: int) -> int:
+    return int(torch.randint(high, (), generator=generator))
+
+
+def _coin(generator: torch.Generator) -> bool:
+    return _randint(generator, 2) == 1
+
+
+def _item_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    images, labels = zip(*items, strict=True)
+    return {"image": torch.stack(images), "label": torch.stack(labels)}
+
+
+class FolderStream(IterableDataset):
+    """Endless, exactly resumable training batches for one rank (module docstring)."""
+
+    def __init__(self, samples: list[Sample], load: Callable[[Sample], tuple],
+                 augment: TrainAugment, batch_size: int, seed: int, rank: int,
+                 world_size: int, num_workers: int, state: StreamState) -> None:
+        super().__init__()
+        if len(state.workers) != max(1, num_workers):
+            raise ValueError("stream state was saved with a different number of data workers")
+        self.samples, self.load, self.augment = samples, load, augment
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.state = state
+
+    def _logical_worker(self) -> int:
+        # TrainLoader hands out batches round-robin from physical worker 0; after a resume at
+        # micro-batch m the next batch is logical worker m's (pretrain.data does the same).
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        return (physical + self.state.micro_batches) % self.num_workers
+
+    def sample_at(self, index: int) -> Sample:
+        """The image of item ``index`` of the stream (every rank agrees on it)."""
+        epoch, within = divmod(index, len(self.samples))
+        if getattr(self, "_epoch", None) != epoch:
+            generator = torch.Generator().manual_seed(_item_seed(self.seed, epoch) ^ 0x5EED)
+            self._order, self._epoch = torch.randperm(len(self.samples), generator=generator), epoch
+        return self.samples[int(self._order[within])]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = self._logical_worker()
+        slots = self.world_size * self.num_workers
+        slot = self.rank * self.num_workers + worker
+        start = self.state.workers[worker]
+        bad, bad_in_a_row = start.bad_samples, 0
+        decoded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        taken = start.consumed
+        while True:
+            index = taken * slots + slot
+            taken += 1
+            try:
+                image, label = self.load(self.sample_at(index))
+                generator = torch.Generator().manual_seed(_item_seed(self.seed, index))
+                decoded.append(self.augment(image, label, generator))
+            except Exception:  # an unreadable image or mask is skipped and counted
+                bad, bad_in_a_row = bad + 1, bad_in_a_row + 1
+                if bad_in_a_row >= 1000:
+                    raise RuntimeError(f"rank {self.rank}: 1000 images in a row could not be "
+                                       "read; check the dataset folder") from None
+                continue
+            bad_in_a_row = 0
+            if len(decoded) == self.batch_size:
+                position = WorkerPosition(consumed=taken, bad_samples=bad)
+                yield {**collate_crops(decoded), "worker": worker,
+                       "position": asdict(position)}
+                decoded = []
+
+
+class FolderSplit(IterableDataset):
+    """This rank's validation images, one per batch: ``image`` (1, 3, H, W) normalised at its
+    own size, ``label`` (1, H, W), ``index`` (its place in the split)."""
+
+    def __init__(self, samples: list[Sample], load: Callable[[Sample], tuple],
+                 mean: Sequence[float], std: Sequence[float], rank: int,
+                 world_size: int) -> None:
+        super().__init__()
+        self.samples, self.load = samples, load
+        self.mean, self.std = mean, std
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        skipped = 0
+        for index in range(slot, len(self.samples), slots):
+            try:
+                image, label = self.load(self.samples[index])
+            except Exception:  # an unreadable image is counted, never fatal
+                skipped += 1
+                continue
+            yield {"image": normalize(image, self.mean, self.std)[None], "label": label[None],
+                   "index": torch.tensor([index]), "skipped": skipped}
+            skipped = 0
+

@@ -1,0 +1,195 @@
+"""Semantic segmentation as a task of the shared trainer: UPerNet (+ auxiliary FCN head) or
+Semantic FPN on any registered encoder, trained on image / mask folders, judged by mIoU.
+
+Parameter groups follow the official mmseg configs of DaViT / DAT++ / DWNet: AdamW, no weight
+decay on norms, biases and the encoders' relative-position tables (their ``no_weight_decay``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from data_tools.files import atomic_torch_save, atomic_write_text
+from finetune.backbone import Backbone
+from finetune.config import SegmentationConfig
+from finetune.segmentation.data import (
+    FolderSplit,
+    FolderStream,
+    LoadPair,
+    TrainAugment,
+    list_samples,
+)
+from finetune.segmentation.evaluate import SegmentationEvaluator, class_names
+from finetune.segmentation.models import Segmenter, build_segmenter
+from finetune.transfer import resolve_spec
+from pretrain.data import StreamState, TrainLoader
+from pretrain.eval_data import sliced_loader
+from pretrain.flops import image_model_train_flops
+from pretrain.models.spec import SPEC_KEY, ModelSpec
+from pretrain.models.weights import read_state_dict
+from pretrain.task import Batch, Evaluator, LossOutput, Task
+
+MODEL_PREFIX = "model."
+EXPORT_NAME = "segmenter.pt"
+
+
+def masked_cross_entropy(logits: torch.Tensor, label: torch.Tensor,
+                         ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels (0, not NaN, for a crop without any)."""
+    total = nn.functional.cross_entropy(logits, label, ignore_index=ignore_index,
+                                        reduction="sum")
+    return total / (label != ignore_index).sum().clamp(min=1)
+
+
+class SegmentationModule(nn.Module):
+    """Segmenter + losses: ``forward({"image", "label"}) -> {"loss", "loss_decode",
+    "loss_aux"}``; :meth:`logits` is what inference calls."""
+
+    def __init__(self, model: Segmenter, ignore_index: int, aux_weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.ignore_index, self.aux_weight = ignore_index, aux_weight
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(image)
+
+    def forward(self, batch: Batch) -> LossOutput:
+        label = batch["label"].long()
+        main, aux = self.model.forward_train(batch["image"])
+        loss_decode = masked_cross_entropy(main, label, self.ignore_index)
+        if aux is None:
+            return {"loss": loss_decode}
+        loss_aux = masked_cross_entropy(aux, label, self.ignore_index)
+        return {"loss": loss_decode + self.aux_weight * loss_aux, "loss_decode": loss_decode,
+                "loss_aux": loss_aux}
+
+
+def build_segmentation_module(cfg: SegmentationConfig, spec: ModelSpec,
+                              weights: str | None) -> SegmentationModule:
+    encoder, model = cfg.encoder, cfg.model
+    backbone = Backbone(spec, weights, model.out_indices, drop_path=encoder.drop_path,
+                        grad_checkpointing=encoder.grad_checkpointing)
+    segmenter = build_segmenter(model.kind, backbone, cfg.data.num_classes,
+                                model.decoder_channels, model.dropout, model.aux_weight,
+                                model.aux_channels, model.head_channels)
+    return SegmentationModule(segmenter, cfg.data.ignore_index, model.aux_weight)
+
+
+class SegmentationTask(Task):
+    label = "segmentation"
+    cfg: SegmentationConfig
+
+    def __init__(self, cfg: SegmentationConfig) -> None:
+        super().__init__(cfg)
+        encoder = cfg.encoder
+        self.spec = resolve_spec(encoder.weights, encoder.name, encoder.overrides)
+        data = cfg.data
+        self.load = LoadPair(data.reduce_zero_label, data.ignore_index)
+        self.train_samples = list_samples(data.root, data.train_split, data.image_dir,
+                                          data.label_dir)
+
+    def build_module(self) -> nn.Module:
+        from pretrain import distributed
+
+        module = build_segmentation_module(self.cfg, self.spec, self.cfg.encoder.weights)
+        if self.cfg.model.sync_bn and torch.cuda.is_available() and distributed.world_size() > 1:
+            # mmseg's recipes normalise over the global batch (SyncBN): 2 images per GPU give
+            # poor per-rank statistics, and a 1-image rank none at the PSP's 1x1 pooling.
+            # SyncBatchNorm is CUDA-only, so CPU runs keep per-rank BatchNorm.
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return module
+
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        body = module.model.backbone.body
+        patterns = getattr(body, "no_weight_decay", lambda: set())() or set()
+        no_decay = [f"{MODEL_PREFIX}backbone.body.{p}" for p in patterns]
+        groups = param_groups_weight_decay(module, self.cfg.optimizer.weight_decay,
+                                           no_weight_decay_list=no_decay)
+        for group in groups:
+            group["lr"] = self.cfg.optimizer.lr
+        return groups
+
+    def epoch_samples(self) -> int | None:
+        return self.cfg.data.epoch_samples or len(self.train_samples)
+
+    def build_loader(self, rank: int, state: StreamState) -> TrainLoader:
+        from pretrain import distributed
+
+        data = self.cfg.data
+        augment = TrainAugment(data.crop_size, data.scale, data.ratio_range, data.cat_max_ratio,
+                               data.flip, data.photometric, data.mean, data.std,
+                               data.ignore_index)
+        stream = FolderStream(self.train_samples, self.load, augment, data.batch_size,
+                              self.cfg.train.seed, rank, distributed.world_size(),
+                              data.workers, state)
+        return TrainLoader(stream, data.workers)
+
+    def evaluator(self, rank: int, world_size: int) -> Evaluator:
+        data = self.cfg.data
+        samples = list_samples(data.root, data.val_split, data.image_dir, data.label_dir)
+        split = FolderSplit(samples, self.load, data.mean, data.std, rank, world_size)
+        return SegmentationEvaluator(sliced_loader(split, data.workers), self.cfg, samples)
+
+    def flops_per_sample(self) -> float:
+        size = self.cfg.data.crop_size
+        # eval mode: with one image, the PSP's 1x1 pooled BatchNorm has no batch statistics
+        return image_model_train_flops(
+            lambda: build_segmentation_module(self.cfg, self.spec, None).model.eval(), size)
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """``segmenter.pt``: the fp32 segmenter and the spec that rebuilds it."""
+        weights = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items()
+                   if k.startswith(MODEL_PREFIX)}
+        atomic_torch_save({"state_dict": weights, SPEC_KEY: self.export_spec().to_dict()},
+                          out_dir / EXPORT_NAME)
+
+    def export_spec(self) -> ModelSpec:
+        model = self.cfg.model
+        return ModelSpec(self.spec.timm_name, self.spec.overrides,
+                         num_classes=self.cfg.data.num_classes, task="segmentation",
+                         options={"kind": model.kind, "decoder_channels": model.decoder_channels,
+                                  "head_channels": model.head_channels,
+                                  "aux_channels": model.aux_channels,
+                                  "aux_weight": model.aux_weight,
+                                  "out_indices": list(model.out_indices),
+                                  "classes": class_names(self.cfg.data)})
+
+    def evaluate_only(self, checkpoint: Path, run_dir: Path) -> dict[str, Any]:
+        """``--eval-only``: score ``checkpoint`` (an exported ``segmenter.pt``, or any file whose
+        state dict has this segmenter's keys) on the validation split, on every rank of the
+        launch; rank 0 writes ``eval.json`` into ``run_dir``."""
+        from pretrain import distributed
+
+        distributed.init_distributed(self.cfg.deepspeed.backend)
+        rank, world = distributed.rank(), distributed.world_size()
+        module = build_segmentation_module(self.cfg, self.spec, None)
+        state = read_state_dict(checkpoint)
+        if not any(k.startswith(MODEL_PREFIX) for k in state):
+            state = {f"{MODEL_PREFIX}{k}": v for k, v in state.items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint}: not this config's segmenter ({len(missing)} "
+                             f"missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+                             f"e.g. {unexpected[:2]})")
+        device = distributed.collective_device()
+        module.to(device).eval()
+        evaluator = self.evaluator(rank, world)
+        evaluator.reset()
+        with torch.no_grad():
+            for batch in evaluator.batches():
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
+                evaluator.update(module, batch, counted=True)
+        results = evaluator.compute()
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "eval.json", json.dumps(
+                {"checkpoint": str(checkpoint), "results": results}, indent=2))
+        distributed.barrier()
+        return results
