@@ -1,0 +1,146 @@
+"""ImageFolder splits read directly: a resumable training stream and validation slices.
+
+Training: epoch ``e`` visits the images in a permutation seeded by ``(seed, e)``; the endless
+concatenation of epochs is dealt out like cards, item ``g`` to slot ``g mod (ranks x workers)``,
+so within an epoch no image is read twice across ranks and workers. A worker's position is the
+number of items it has taken (``consumed``): resuming recomputes the same permutations and
+starts there, without reading a file. Each image's augmentation is seeded from its place in the
+worker's stream (torch and Python's ``random``, which timm's crops and RandAugment use), so a
+resumed run sees exactly the batches of an uninterrupted one. The batches carry the same
+``worker``/``position`` fields as the shard stream's, for :class:`pretrain.data.TrainLoader`,
+which also rotates the workers on resume. Undecodable images are skipped and counted.
+
+Validation: image ``i`` (in the folder's fixed order) goes to slot ``i mod (ranks x workers)``,
+as :mod:`pretrain.eval_data` slices shards.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_tools.imagefolder import ImageFolderIndex
+from pretrain.data import GIVE_UP_AFTER_FAILURES, StreamState, WorkerPosition, decode_image
+
+_STREAM_ERROR = "stream_error"  # the item TrainLoader raises as TrainingAborted (pretrain.data)
+
+
+def decode_file(index: ImageFolderIndex, item: int) -> Any:
+    """The image of ``index``'s item as RGB (raising on unreadable or undecodable files)."""
+    return decode_image({"jpg": index.path(item).read_bytes()})
+
+
+def _seed(*parts: int) -> int:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63)
+    return seed
+
+
+class ImageFolderStream(IterableDataset):
+    """Endless labelled batches for one rank of an ImageFolder; see the module docstring.
+    ``transform(pil_image)`` augments; ``collate(list of (tensor, label))`` makes the batch."""
+
+    def __init__(self, index: ImageFolderIndex, transform: Callable,
+                 collate: Callable[[list[tuple]], dict[str, torch.Tensor]], batch_size: int,
+                 seed: int, rank: int, world_size: int, num_workers: int,
+                 state: StreamState) -> None:
+        super().__init__()
+        if len(state.workers) != max(1, num_workers):
+            raise ValueError("stream state was saved with a different number of data workers")
+        self.index, self.transform, self.collate = index, transform, collate
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.state = state
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def _logical_worker(self) -> int:
+        # the same rotation as pretrain.data.ResumableStream, which TrainLoader relies on
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        return (physical + self.state.micro_batches) % self.num_workers
+
+    def item(self, worker: int, consumed: int) -> int:
+        """The image index a worker's ``consumed``-th item is (see the module docstring)."""
+        slots = self.world_size * self.num_workers
+        position = consumed * slots + self.rank * self.num_workers + worker
+        epoch, offset = divmod(position, len(self.index))
+        if self._epoch is None or self._epoch[0] != epoch:
+            generator = np.random.default_rng([self.seed, epoch])
+            self._epoch = (epoch, generator.permutation(len(self.index)))
+        return int(self._epoch[1][offset])
+
+    def _decode_seeded(self, item: int, worker: int, consumed: int) -> tuple[torch.Tensor, int]:
+        seed = _seed(self.seed, self.rank, worker, consumed)
+        python_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                image = self.transform(decode_file(self.index, item))
+        finally:
+            random.setstate(python_state)
+        return image, int(self.index.labels[item])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = self._logical_worker()
+        start = self.state.workers[worker]
+        consumed, bad, bad_in_a_row = start.consumed, start.bad_samples, 0
+        decoded: list[tuple] = []
+        while True:
+            item = self.item(worker, consumed)
+            consumed += 1
+            try:
+                decoded.append(self._decode_seeded(item, worker, consumed - 1))
+                bad_in_a_row = 0
+            except Exception:  # an unreadable image is skipped and counted, never fatal
+                bad, bad_in_a_row = bad + 1, bad_in_a_row + 1
+                if bad_in_a_row >= min(GIVE_UP_AFTER_FAILURES, len(self.index)):
+                    yield {_STREAM_ERROR: f"{self.index.root}: the last {bad_in_a_row} images "
+                                          "read all failed to decode"}
+                    return
+                continue
+            if len(decoded) == self.batch_size:
+                position = WorkerPosition(consumed=consumed, bad_samples=bad)
+                yield {**self.collate(decoded), "worker": worker, "position": asdict(position)}
+                decoded = []
+
+
+class ImageFolderSplit(IterableDataset):
+    """This rank's validation batches of an ImageFolder (``{"image", "label", "skipped"}``)."""
+
+    def __init__(self, index: ImageFolderIndex, transform: Callable,
+                 collate: Callable[[list[tuple]], dict[str, torch.Tensor]], batch_size: int,
+                 rank: int, world_size: int) -> None:
+        super().__init__()
+        self.index, self.transform, self.collate = index, transform, collate
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slots = self.world_size * workers
+        items: list[tuple] = []
+        skipped = 0  # since the last batch, which carries the count
+        for item in range(self.rank * workers + worker, len(self.index), slots):
+            try:
+                image = self.transform(decode_file(self.index, item))
+            except Exception:  # counted in the evaluation's "skipped", never fatal
+                skipped += 1
+                continue
+            items.append((image, int(self.index.labels[item])))
+            if len(items) == self.batch_size:
+                yield {**self.collate(items), "skipped": skipped}
+                items, skipped = [], 0
+        if items:
+            yield {**self.collate(items), "skipped": skipped}
+        elif skipped:
+            print(f"rank {self.rank} worker {worker}: the last {skipped} validation images of "
+                  "this slice could not be decoded (not counted in 'skipped')", flush=True)
