@@ -35,7 +35,11 @@ class EncoderConfig(Section):
 
 
 class ClassificationData(StreamConfig):
-    train: str  # shard pattern or mixture, as in pretraining
+    # "shards": train is a shard pattern or mixture (as in pretraining), val a shard pattern;
+    # "imagefolder": both are ImageFolder roots (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG), the
+    # class index being the position of the folder's name in `classes` (default: sorted names).
+    layout: Literal["shards", "imagefolder"] = "shards"
+    train: str
     val: str
     label_key: str = "cls"  # field of the sample's .json holding the label (name or index)
     classes: list[str] | None = None  # names, when labels are names; index order = class index
@@ -59,12 +63,43 @@ class ClassificationLoss(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
+class EmaConfig(Section):
+    """An exponential moving average of the weights (timm's ``ModelEmaV3``, kept in fp32),
+    evaluated beside the model (``ema_top1``, ``ema_top5``) and resumed with the checkpoint."""
+
+    enabled: bool = False
+    decay: float = Field(0.9998, gt=0, lt=1)
+    # timm's decay warmup (1 - (1 + step) ** -2/3, capped at `decay`): early averages follow the
+    # model instead of the random initialisation
+    warmup: bool = True
+
+
 class ClassificationConfig(JobConfig):
     task: Literal["classification"]
     encoder: EncoderConfig
     data: ClassificationData
     loss: ClassificationLoss = Field(default_factory=ClassificationLoss)
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(best_metric="top1"))
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    # Linear probe: the encoder stays frozen (and in eval mode); only the linear classifier on
+    # its pooled features trains, without weight decay.
+    linear_probe: bool = False
+
+    @model_validator(mode="after")
+    def _supported(self) -> ClassificationConfig:
+        if self.ema.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("ema.enabled: the EMA keeps a full copy of the weights on every "
+                             "rank, which ZeRO-3 partitions; use deepspeed.zero_stage 1 or 2")
+        metric = self.eval.best_metric or ""
+        if metric.startswith("ema_") and not self.ema.enabled:
+            raise ValueError(f"eval.best_metric {metric!r} needs ema.enabled: true")
+        data = self.data
+        if self.linear_probe and (data.randaugment or data.random_erasing or data.mixup
+                                  or data.cutmix):
+            raise ValueError("linear_probe: the probe recipe augments with crop and flip only; "
+                             "set data.randaugment: null, data.random_erasing: 0, data.mixup: 0 "
+                             "and data.cutmix: 0")
+        return self
 
 
 class SegmentationModel(Section):

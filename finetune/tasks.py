@@ -59,8 +59,17 @@ def check_inputs(cfg: JobConfig) -> None:
     missing or unusable."""
     if isinstance(cfg, ClassificationConfig):
         check_encoder(cfg.encoder, num_classes=cfg.data.num_classes)
-        load_mixture(cfg.data.train)
-        shard_set(cfg.data.val)
+        if cfg.data.layout == "imagefolder":
+            from finetune.classification.data import imagefolder_index
+
+            for split in ("train", "val"):
+                try:
+                    imagefolder_index(cfg.data, split)
+                except (FileNotFoundError, ValueError) as error:
+                    raise type(error)(f"data.{split}: {error}") from None
+        else:
+            load_mixture(cfg.data.train)
+            shard_set(cfg.data.val)
     if isinstance(cfg, SegmentationConfig):
         from finetune.segmentation.checks import check_segmentation_inputs
 

@@ -3,6 +3,13 @@
 Layer-wise lr decay: timm's ``param_groups_layer_decay`` gives each group an ``lr_scale``; it is
 folded into the group's own ``lr`` here, which the trainer's schedule then scales, so the decay
 survives the schedule.
+
+Data: labelled shards (``data.layout: shards``) or ImageFolder trees read directly
+(``imagefolder``), both resumable exactly. With ``ema.enabled`` an EMA of the weights is kept
+(:mod:`finetune.classification.ema`) and scored beside the model at every evaluation
+(``ema_top1``, ``ema_top5``). ``linear_probe`` freezes the encoder and trains only its linear
+classifier. The export is ``classifier.pt`` and a timm folder (``timm/``: safetensors and
+config.json, see :mod:`pretrain.models.timm_export`), and the same for the EMA when kept.
 """
 
 from __future__ import annotations
@@ -22,14 +29,18 @@ from finetune.classification.data import (
     LabelledImageDecoder,
     classification_transform,
     collate_labelled,
+    imagefolder_index,
 )
+from finetune.classification.ema import WeightsEma
+from finetune.classification.imagefolder import ImageFolderSplit, ImageFolderStream
 from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationConfig
 from finetune.transfer import build_encoder, resolve_spec
-from pretrain.data import ResumableStream, StreamState, TrainLoader
+from pretrain.data import OPENAI_MEAN, OPENAI_STD, ResumableStream, StreamState, TrainLoader
 from pretrain.eval_data import SlicedSplit, sliced_loader
 from pretrain.flops import image_model_train_flops
 from pretrain.models.spec import SPEC_KEY, ModelSpec
+from pretrain.models.timm_export import write_timm_export
 from pretrain.task import Batch, Evaluator, LossOutput, Task, stream_epoch_samples
 
 MODEL_PREFIX = "model."
@@ -38,10 +49,21 @@ MODEL_PREFIX = "model."
 class ClassifierModule(nn.Module):
     """Classifier + criterion: ``forward({"image", "label"}) -> {"loss"}``."""
 
-    def __init__(self, model: nn.Module, criterion: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, criterion: nn.Module | None = None,
+                 frozen_encoder: bool = False) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
+        self.frozen_encoder = frozen_encoder
+        if frozen_encoder:
+            model.requires_grad_(False)
+            model.get_classifier().requires_grad_(True)
+
+    def train(self, mode: bool = True) -> ClassifierModule:
+        super().train(mode)
+        if self.frozen_encoder:  # a probed encoder keeps its eval behaviour (BatchNorm stats)
+            self.model.eval()
+        return self
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image).float()  # the loss and top-k in fp32 whatever the compute dtype
@@ -66,8 +88,13 @@ class ClassificationTask(Task):
         super().__init__(cfg)
         encoder = cfg.encoder
         self.spec = resolve_spec(encoder.weights, encoder.name, encoder.overrides)
-        self.shard_sets = load_mixture(cfg.data.train)
         data = cfg.data
+        if data.layout == "imagefolder":
+            self.train_index = imagefolder_index(data, "train")
+        else:
+            self.shard_sets = load_mixture(data.train)
+        self.ema = WeightsEma(cfg.ema) if cfg.ema.enabled else None
+        self._module: ClassifierModule | None = None
         self.mixup = None
         if data.mixup > 0 or data.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=data.mixup, cutmix_alpha=data.cutmix,
@@ -76,13 +103,21 @@ class ClassificationTask(Task):
 
     def build_module(self) -> nn.Module:
         encoder = self.cfg.encoder
-        model = build_encoder(self.spec, encoder.weights, drop_path=encoder.drop_path,
+        probe = self.cfg.linear_probe
+        model = build_encoder(self.spec, encoder.weights,
+                              drop_path=0.0 if probe else encoder.drop_path,
                               grad_checkpointing=encoder.grad_checkpointing,
                               num_classes=self.cfg.data.num_classes)
-        return ClassifierModule(model, _criterion(self.cfg, self.mixup is not None))
+        # ZeRO 1/2 train this very object, so the EMA can follow it (ZeRO-3 has no EMA)
+        self._module = ClassifierModule(model, _criterion(self.cfg, self.mixup is not None),
+                                        frozen_encoder=probe)
+        return self._module
 
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
         optimizer, model = self.cfg.optimizer, module.model
+        if self.cfg.linear_probe:  # the usual probe: only the classifier, no weight decay
+            head = [p for p in model.get_classifier().parameters()]
+            return [{"params": head, "weight_decay": 0.0, "lr": optimizer.lr}]
         no_decay = getattr(model, "no_weight_decay", lambda: set())()
         layer_decay = self.cfg.encoder.layer_decay
         if layer_decay is not None:
@@ -95,13 +130,26 @@ class ClassificationTask(Task):
         return groups
 
     def epoch_samples(self) -> int | None:
+        if self.cfg.data.layout == "imagefolder":
+            return self.cfg.data.epoch_samples or len(self.train_index)
         return stream_epoch_samples(self.shard_sets, self.cfg.data.epoch_samples)
+
+    def _train_transform(self) -> Any:
+        return classification_transform(self.cfg.data, training=True,
+                                        linear_probe=self.cfg.linear_probe)
 
     def build_loader(self, rank: int, state: StreamState) -> TrainLoader:
         data = self.cfg.data
+        if data.layout == "imagefolder":
+            from pretrain import distributed
+
+            folder = ImageFolderStream(
+                self.train_index, self._train_transform(), collate_labelled, data.batch_size,
+                self.cfg.train.seed, rank, distributed.world_size(), data.workers, state)
+            return TrainLoader(folder, data.workers)
         stream = ResumableStream(
             shard_sets=self.shard_sets,
-            decode=LabelledImageDecoder(data, classification_transform(data, training=True)),
+            decode=LabelledImageDecoder(data, self._train_transform()),
             collate=collate_labelled,
             batch_size=data.batch_size,
             seed=self.cfg.train.seed,
@@ -121,9 +169,26 @@ class ClassificationTask(Task):
 
     def evaluator(self, rank: int, world_size: int) -> Evaluator:
         data = self.cfg.data
-        split = SlicedSplit(data.val, LabelledImageDecoder(data, classification_transform(
-            data, training=False)), collate_labelled, self.cfg.eval.batch_size, rank, world_size)
-        return AccuracyEvaluator(sliced_loader(split, data.workers), data.num_classes)
+        transform = classification_transform(data, training=False)
+        if data.layout == "imagefolder":
+            split = ImageFolderSplit(imagefolder_index(data, "val"), transform,
+                                     collate_labelled, self.cfg.eval.batch_size, rank, world_size)
+        else:
+            split = SlicedSplit(data.val, LabelledImageDecoder(data, transform),
+                                collate_labelled, self.cfg.eval.batch_size, rank, world_size)
+        extra = {"ema_": lambda: self.ema.module} if self.ema is not None else None
+        return AccuracyEvaluator(sliced_loader(split, data.workers), data.num_classes, extra)
+
+    def after_optimizer_step(self, module: nn.Module, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(module.model, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema", {}), self._module.model)
 
     def flops_per_sample(self) -> float:
         num_classes = self.cfg.data.num_classes
@@ -131,10 +196,28 @@ class ClassificationTask(Task):
                                        self.cfg.data.image_size)
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        """``classifier.pt``: the fp32 timm classifier and the spec that rebuilds it."""
+        """``classifier.pt`` (the fp32 timm classifier and the spec that rebuilds it) and
+        ``timm/`` (the same for timm users); with an EMA, ``classifier_ema.pt`` and
+        ``timm_ema/`` too."""
         weights = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items()
                    if k.startswith(MODEL_PREFIX)}
+        self._export_classifier(weights, out_dir, "")
+        if self.ema is not None and self.ema.module is not None:
+            self._export_classifier(self.ema.state_dict()["weights"], out_dir, "_ema")
+
+    def _export_classifier(self, weights: dict[str, torch.Tensor], out_dir: Path,
+                           suffix: str) -> None:
+        data = self.cfg.data
         spec = ModelSpec(self.spec.timm_name, self.spec.overrides,
-                         num_classes=self.cfg.data.num_classes, task="classification")
+                         num_classes=data.num_classes, task="classification")
         atomic_torch_save({"state_dict": weights, SPEC_KEY: spec.to_dict()},
-                          out_dir / "classifier.pt")
+                          out_dir / f"classifier{suffix}.pt")
+        # the evaluation transform of this recipe, so timm's create_transform reproduces it
+        recipe = {"input_size": [3, data.image_size, data.image_size],
+                  "crop_pct": data.crop_pct, "interpolation": "bicubic",
+                  "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}
+        if data.layout == "imagefolder":
+            recipe["label_names"] = self.train_index.classes
+        elif data.classes is not None:
+            recipe["label_names"] = list(data.classes)
+        write_timm_export(weights, spec, recipe, out_dir / f"timm{suffix}")
