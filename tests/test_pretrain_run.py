@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from data_tools.synthetic import COLORS, zero_shot_prompts
+from pretrain.data import OPENAI_MEAN
 from pretrain.metrics import read_metrics
 from pretrain.models.spec import ModelSpec
 from tests.conftest import TINY_MODEL, run_deepspeed
@@ -180,3 +184,77 @@ def test_zero_shot_evaluation_of_the_export(pretrain_run: Path, shape_shards: di
     # 60 steps teach colour (chance 1/8; measured 0.28), not yet shape (chance 1/3)
     assert result["zero_shot_top1_color"] > 0.2, result
     assert 0.0 <= result["zero_shot_top1_shape"] <= 1.0
+
+
+def _heldout_images(shape_shards: dict, count: int = 16) -> tuple[list, list[str]]:
+    from PIL import Image
+
+    from pretrain.data import ordered_dataset
+
+    images, colours = [], []
+    for sample in ordered_dataset(shape_shards["heldout"]):
+        images.append(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        colours.append(json.loads(sample["json"])["color"])
+        if len(images) == count:
+            break
+    return images, colours
+
+
+def test_open_clip_loads_the_export_and_reproduces_zero_shot(pretrain_run: Path,
+                                                             shape_shards: dict) -> None:
+    """open_clip's own API (model, preprocessing, tokenizer, zero-shot classifier) on the
+    export gives our zero-shot logits to 1e-5."""
+    import open_clip
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from pretrain.data import eval_transform
+    from pretrain.export import load_exported_clip, register_open_clip_export
+    from pretrain.models.clip import build_tokenizer
+
+    directory = pretrain_run / "export" / "open_clip"
+    register_open_clip_export(directory)  # the tests' shrunken DaViT is a registered variant
+    theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{directory}")
+    their_tokenizer = open_clip.get_tokenizer(f"local-dir:{directory}")
+    ours, cfg = load_exported_clip(pretrain_run / "export" / "clip.pt")
+    images, _ = _heldout_images(shape_shards)
+    names, templates = zero_shot_prompts("color")
+    with torch.no_grad():
+        their_logits = (theirs.eval().encode_image(torch.stack([preprocess(i) for i in images]),
+                                                   normalize=True)
+                        @ build_zero_shot_classifier(theirs, their_tokenizer, names, templates))
+        transform = eval_transform(cfg.image.image_size)
+        our_logits = (ours.encode_image(torch.stack([transform(i) for i in images]),
+                                        normalize=True)
+                      @ build_zero_shot_classifier(ours, build_tokenizer(
+                          cfg.text.context_length), names, templates))
+    assert torch.allclose(their_logits, our_logits, atol=1e-5), (their_logits - our_logits).abs()
+    assert their_logits.std() > 0  # a real classifier, not a constant
+
+
+def test_timm_and_smp_load_the_image_tower(pretrain_run: Path) -> None:
+    """The timm export rebuilds the (shrunken) encoder by timm alone, with our weights, by
+    both of timm's public routes; smp's tu- encoder takes the same weights."""
+    import segmentation_models_pytorch as smp
+
+    payload = torch.load(pretrain_run / "export" / "encoder.pt", weights_only=True)
+    spec = ModelSpec.from_dict(payload["spec"])
+    ours = spec.build_timm().eval()
+    ours.load_state_dict(payload["state_dict"])
+    weights = pretrain_run / "export" / "timm" / "model.safetensors"
+    from_folder = timm.create_model(f"local-dir:{weights.parent}", pretrained=True).eval()
+    overlay = timm.create_model(spec.timm_name, pretrained=True, num_classes=0,
+                                pretrained_cfg_overlay={"file": str(weights)},
+                                **spec.overrides).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(images)
+        assert torch.allclose(from_folder(images), expected, atol=1e-5)
+        assert torch.allclose(overlay(images), expected, atol=1e-5)
+    assert from_folder.pretrained_cfg["mean"] == list(OPENAI_MEAN)
+    segmenter = smp.UPerNet(f"tu-{spec.timm_name}", encoder_weights=True, classes=3,
+                            pretrained_cfg_overlay={"file": str(weights)}, **spec.overrides)
+    # features_only flattens "stages.0" into "stages_0"
+    encoder = {re.sub(r"^stages_(\d+)", r"stages.\1", k): v
+               for k, v in segmenter.encoder.model.state_dict().items()}
+    trunk = ours.state_dict()
+    assert encoder and all(torch.equal(v, trunk[k]) for k, v in encoder.items())
