@@ -20,9 +20,13 @@ TASK_CLASSES = {"classification": "finetune.classification.task:ClassificationTa
                 "segmentation": "finetune.segmentation.task:SegmentationTask"}
 
 
-def build_task(cfg: JobConfig) -> Task:
+def task_class(cfg: JobConfig) -> type[Task]:
     module, name = TASK_CLASSES[cfg.task].split(":")
-    return getattr(importlib.import_module(module), name)(cfg)
+    return getattr(importlib.import_module(module), name)
+
+
+def build_task(cfg: JobConfig) -> Task:
+    return task_class(cfg)(cfg)
 
 
 def check_encoder(encoder: EncoderConfig, **timm_kwargs: int) -> None:

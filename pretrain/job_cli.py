@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from pretrain.config import ConfigError, load_config
+from pretrain.errors import TrainingAborted
 
 Cfg = TypeVar("Cfg", bound=BaseModel)
 
@@ -27,6 +29,10 @@ def job_parser(description: str, kind: str, run_root: Path) -> argparse.Argument
                         help=f"where the run lives (default: {run_root}/<config name>)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, print it resolved, and exit")
+    parser.add_argument("--eval-only", dest="eval_only", type=Path, default=None,
+                        metavar="CHECKPOINT",
+                        help="evaluate CHECKPOINT on the config's validation split instead of "
+                             "training (tasks that have such a mode); writes RUN_DIR/eval.json")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -42,19 +48,23 @@ def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str
 
 def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cfg],
             make_trainer: Callable[[Cfg, Path], Any], run_root: Path = Path("runs"),
-            check_inputs: Callable[[Cfg], None] | None = None) -> int:
+            check_inputs: Callable[[Cfg], None] | None = None,
+            evaluate_only: Callable[[Cfg, Path, Path], dict[str, Any]] | None = None) -> int:
     """Parse, validate (exit 2 on a bad config or missing input, before any process group),
     train.
 
     ``check_inputs`` raises ``FileNotFoundError`` or ``ValueError`` for inputs the config names
     but the file system lacks (shards, weights), so ``--check`` on a login node and every rank
     at start-up report them in one line instead of a traceback per rank after start-up.
+
+    ``--eval-only CHECKPOINT`` calls ``evaluate_only(cfg, checkpoint, run_dir)`` instead of
+    training (the job decides what a checkpoint is; fine-tuning hands it to the task).
     """
     args = job_parser(description, kind, run_root).parse_args(argv)
     cfg = load_or_report(schema, args.config, args.overrides, kind)
     if cfg is None:
         return 2
-    if check_inputs is not None:
+    if check_inputs is not None and args.eval_only is None:  # the checkpoint has the weights
         try:
             check_inputs(cfg)
         except (FileNotFoundError, ValueError) as error:
@@ -64,8 +74,8 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cf
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     run_dir = args.run_dir or run_root / Path(args.config).stem
-
-    from pretrain.engine import TrainingAborted
+    if args.eval_only is not None:
+        return _evaluate_only(evaluate_only, cfg, args.eval_only, run_dir, kind)
 
     try:
         outcome = make_trainer(cfg, run_dir).train()
@@ -73,4 +83,24 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cf
         print(f"training aborted: {error}", file=sys.stderr)
         return 1
     print(f"{kind} {outcome} in {run_dir}")
+    return 0
+
+
+def _evaluate_only(evaluate: Callable[[Cfg, Path, Path], dict[str, Any]] | None, cfg: Cfg,
+                   checkpoint: Path, run_dir: Path, kind: str) -> int:
+    if evaluate is None:
+        print(f"--eval-only: {kind} jobs have no evaluation-only mode", file=sys.stderr)
+        return 2
+    if not checkpoint.is_file():
+        print(f"input error: --eval-only: no such file {checkpoint}", file=sys.stderr)
+        return 2
+    try:
+        results = evaluate(cfg, checkpoint, run_dir)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"input error: --eval-only {checkpoint}: {' '.join(str(error).split())}",
+              file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        shown = {k: v for k, v in results.items() if "." not in k}  # not per-class entries
+        print(f"{kind} evaluation of {checkpoint}: {shown} (all in {run_dir / 'eval.json'})")
     return 0

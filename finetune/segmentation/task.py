@@ -31,7 +31,7 @@ from finetune.transfer import resolve_spec
 from pretrain.data import StreamState, TrainLoader
 from pretrain.eval_data import sliced_loader
 from pretrain.flops import image_model_train_flops
-from pretrain.models.spec import SPEC_KEY, ModelSpec
+from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
 from pretrain.models.weights import read_state_dict
 from pretrain.task import Batch, Evaluator, LossOutput, Task
 
@@ -160,10 +160,23 @@ class SegmentationTask(Task):
                                   "out_indices": list(model.out_indices),
                                   "classes": class_names(self.cfg.data)})
 
-    def evaluate_only(self, checkpoint: Path, run_dir: Path) -> dict[str, Any]:
-        """``--eval-only``: score ``checkpoint`` (an exported ``segmenter.pt``, or any file whose
-        state dict has this segmenter's keys) on the validation split, on every rank of the
-        launch; rank 0 writes ``eval.json`` into ``run_dir``."""
+    @classmethod
+    def evaluate_checkpoint(cls, cfg: SegmentationConfig, checkpoint: Path,
+                            run_dir: Path) -> dict[str, Any]:
+        """``--eval-only``: score ``checkpoint`` (an exported ``segmenter.pt``, whose spec names
+        the encoder, or any file whose state dict has this config's segmenter keys) on the
+        validation split, on every rank of the launch; rank 0 writes ``run_dir/eval.json``."""
+        spec = read_spec(checkpoint)
+        encoder = cfg.encoder.model_copy(update={"weights": None})
+        if spec is not None:
+            encoder = encoder.model_copy(update={"name": spec.timm_name,
+                                                 "overrides": dict(spec.overrides)})
+        elif encoder.name is None:
+            raise ValueError(f"{checkpoint} does not say which encoder it holds: set "
+                             "encoder.name (and encoder.overrides)")
+        return cls(cfg.model_copy(update={"encoder": encoder}))._evaluate(checkpoint, run_dir)
+
+    def _evaluate(self, checkpoint: Path, run_dir: Path) -> dict[str, Any]:
         from pretrain import distributed
 
         distributed.init_distributed(self.cfg.deepspeed.backend)
