@@ -123,11 +123,11 @@ _worker_queue: Any = None
 def _init_worker(progress_queue: Any, parent_pid: int) -> None:
     global _worker_queue
     _worker_queue = progress_queue
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """End this worker when the build process dies, even by kill -9.
+def die_with_parent(parent_pid: int) -> None:
+    """End this worker process when its parent dies, even by kill -9.
 
     Otherwise an orphaned worker waits forever on its task pipe (it holds the pipe's write
     end too, so it never sees end-of-file). On Linux the kernel kills it (PR_SET_PDEATHSIG,

@@ -25,6 +25,7 @@ Design points:
 from __future__ import annotations
 
 import io
+import os
 import random
 import signal
 import warnings
@@ -42,6 +43,8 @@ from webdataset.tariterators import tarfile_samples
 
 from data_tools.mixture import ShardSet, draw_shards, drawable_shards
 from data_tools.shard_writer import IMAGE_EXTENSIONS
+from data_tools.workers import die_with_parent
+from pretrain.errors import TrainingAborted
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -335,9 +338,12 @@ class ImageTextCollator:
 
 def _ignore_preemption_signals(worker_id: int) -> None:
     """Data workers leave SIGTERM/SIGUSR1 to their rank, which saves a checkpoint and then
-    shuts them down; a worker dying first would abort that save."""
+    shuts them down; a worker dying first would abort that save. Since they ignore SIGTERM and
+    torch only notices a dead rank between items, a worker busy inside the stream would outlive
+    a killed rank: the kernel ends it with its rank instead."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent(os.getppid())
 
 
 class TrainLoader:
@@ -383,10 +389,7 @@ class TrainLoader:
 
 
 def _aborted(message: str) -> Exception:
-    """The engine's ``TrainingAborted`` (the job reports it in one line and exits 1), imported
-    here because the engine imports this module."""
-    from pretrain.engine import TrainingAborted
-
+    """What the job reports in one line before exiting 1."""
     return TrainingAborted(message)
 
 

@@ -25,15 +25,13 @@ from pretrain.checkpoint import Checkpointer, capture_rng_state, restore_rng_sta
 from pretrain.config import JobConfig, save_config
 from pretrain.data import StreamState
 from pretrain.deepspeed_config import deepspeed_config
+from pretrain.errors import TrainingAborted
 from pretrain.metrics import MetricsLogger, peak_memory_gb
 from pretrain.schedule import resolve_schedule
 from pretrain.task import Batch, Evaluator, LossOutput, Task, run_evaluation
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class TrainingAborted(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite losses in a row)."""
+__all__ = ["Trainer", "TrainingAborted", "move_to_device"]
 
 
 def move_to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
