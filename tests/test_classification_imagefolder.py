@@ -108,3 +108,57 @@ def test_kill_and_resume_is_exact(reference: Path, imagenet_like: dict[str, Path
     for step, record in reference_evals.items():
         for key in ("eval/top1", "eval/ema_top1", "eval/ema_top4", "eval/best_ema_top1"):
             assert resumed_evals[step][key] == record[key], (step, key)
+
+
+def _timm_top1(model: torch.nn.Module, folder: Path) -> float:
+    """timm's own model, transform and ImageFolder reader, in this process."""
+    from timm.data import ImageDataset, create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config({}, model=model))
+    dataset = ImageDataset(str(folder), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            correct += int((model.eval()(images).argmax(1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
+def _eval_only(checkpoint: Path, run_dir: Path, data: dict[str, Path], ranks: int) -> dict:
+    run_deepspeed("finetune.py", [
+        "--config", "demo_shapes", "--run-dir", str(run_dir), *ENCODER,
+        "--set", "data.layout=imagefolder", "--set", f"data.train={data['train']}",
+        "--set", f"data.val={data['val']}", "--set", "data.classes=null",
+        "--set", "data.num_classes=4", "--set", "data.workers=1",
+        "--eval-only", str(checkpoint)], ranks=ranks)
+    return json.loads((run_dir / "eval.json").read_text())["results"]
+
+
+def test_eval_only_of_our_timm_export_matches_timm(reference: Path, imagenet_like: dict[str, Path],
+                                tmp_path: Path) -> None:
+    # our timm export: timm's loader and the export's own transform (32 px, crop_pct 1.0)
+    export = reference / "export" / "timm" / "model.safetensors"
+    ours = _eval_only(export, tmp_path / "folder", imagenet_like, ranks=2)
+    model = timm.create_model(f"local-dir:{export.parent}", pretrained=True)
+    assert ours["samples"] == 60
+    assert ours["top1"] == pytest.approx(_timm_top1(model, imagenet_like["val"]), abs=1e-9)
+    assert ours["top1"] > 0.5
+
+
+@pytest.mark.slow
+def test_eval_only_of_a_bare_timm_file_matches_timm(reference: Path,
+                                                    imagenet_like: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    # the architecture comes from encoder.name/overrides, the transform from its timm
+    # pretrained config (224 px for davit_tiny)
+    export = reference / "export" / "timm" / "model.safetensors"
+    bare = tmp_path / "bare" / "weights.safetensors"
+    bare.parent.mkdir()
+    bare.write_bytes(export.read_bytes())
+    theirs = _eval_only(bare, tmp_path / "file", imagenet_like, ranks=1)
+    model = timm.create_model("davit_tiny", pretrained=True, num_classes=4, depths=[1, 1, 1, 1],
+                              embed_dims=[16, 32, 48, 64], num_heads=[1, 1, 1, 2],
+                              pretrained_cfg_overlay=dict(file=str(bare), num_classes=4))
+    assert model.pretrained_cfg["input_size"][1:] == (224, 224)
+    assert theirs["top1"] == pytest.approx(_timm_top1(model, imagenet_like["val"]), abs=1e-9)

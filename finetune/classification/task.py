@@ -190,6 +190,14 @@ class ClassificationTask(Task):
         if self.ema is not None:
             self.ema.load_state_dict(state.get("ema", {}), self._module.model)
 
+    @classmethod
+    def evaluate_checkpoint(cls, cfg: ClassificationConfig, checkpoint: Path,
+                            run_dir: Path) -> dict[str, Any]:
+        """``--eval-only``: see :mod:`finetune.classification.eval_only`."""
+        from finetune.classification.eval_only import evaluate_checkpoint
+
+        return evaluate_checkpoint(cfg, checkpoint, run_dir)
+
     def flops_per_sample(self) -> float:
         num_classes = self.cfg.data.num_classes
         return image_model_train_flops(lambda: self.spec.build_timm(num_classes=num_classes),

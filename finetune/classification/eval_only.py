@@ -1,0 +1,122 @@
+"""Score a released or exported classifier on a validation split, on every rank of a job:
+``launch/finetune.py --config ... --eval-only CHECKPOINT``.
+
+What CHECKPOINT may be, and which evaluation transform it gets:
+
+- a timm export (``model.safetensors`` with ``config.json`` beside it, ours or from the Hub;
+  the file or its folder): built by timm from the folder, transformed by its own
+  ``pretrained_cfg``;
+- a ``classifier.pt`` of this project: rebuilt from its spec, transformed as the config's
+  ``data`` section says (the recipe that trained it);
+- any other checkpoint the weight loader reads (official DaViT / DAT++ / DWNet releases, timm
+  files): the architecture is ``encoder.name`` (+ ``encoder.overrides``) with
+  ``data.num_classes`` classes, loaded all or nothing, transformed by the architecture's timm
+  pretrained config (resolution, crop_pct, interpolation, mean/std).
+
+Each rank scores its slice of ``data.val`` (shards or an ImageFolder); the counts are summed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from data_tools.files import atomic_write_text
+from finetune.classification.data import (
+    LabelledImageDecoder,
+    classification_transform,
+    collate_labelled,
+)
+from finetune.classification.imagefolder import ImageFolderSplit
+from finetune.classification.metrics import AccuracyEvaluator
+from finetune.config import ClassificationConfig
+from pretrain import distributed
+from pretrain.eval_data import SlicedSplit, sliced_loader
+from pretrain.models.spec import ModelSpec, read_spec
+from pretrain.models.timm_export import CONFIG_FILE
+from pretrain.models.weights import load_encoder_weights
+from pretrain.task import run_evaluation
+
+
+def load_classifier(checkpoint: Path, cfg: ClassificationConfig
+                    ) -> tuple[nn.Module, Callable, list[str] | None]:
+    """The classifier in ``checkpoint``, its evaluation transform and its class names (wnids)
+    when the checkpoint lists them; see the module docstring."""
+    import pretrain.models  # noqa: F401  (DAT++ and DWNet for timm's builder)
+
+    checkpoint = Path(checkpoint)
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if checkpoint.is_dir() or (checkpoint.suffix == ".safetensors"
+                               and (folder / CONFIG_FILE).is_file()):
+        if not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{checkpoint}: a folder without {CONFIG_FILE} (not a timm "
+                                    "export)")
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        names = model.pretrained_cfg.get("label_names")
+        return model, create_transform(**resolve_data_config({}, model=model)), names
+    spec = read_spec(checkpoint)
+    if spec is not None:
+        model = spec.build_timm()
+        load_encoder_weights(model, checkpoint)
+        return model, classification_transform(cfg.data, training=False), None
+    encoder = cfg.encoder
+    if encoder.name is None:
+        raise ValueError(f"--eval-only {checkpoint} does not say which model it holds: set "
+                         "encoder.name")
+    model = ModelSpec(encoder.name, dict(encoder.overrides)).build_timm(
+        num_classes=cfg.data.num_classes)
+    load_encoder_weights(model, checkpoint)
+    return model, create_transform(**resolve_data_config({}, model=model)), None
+
+
+def _split(cfg: ClassificationConfig, transform: Callable, classes: list[str] | None,
+           num_classes: int, rank: int, world_size: int) -> Any:
+    data = cfg.data
+    if data.layout == "imagefolder":
+        from data_tools.imagefolder import scan_imagefolder
+
+        index = scan_imagefolder(data.val, data.classes or classes)
+        if len(index.classes) > num_classes:
+            raise ValueError(f"data.val {data.val}: {len(index.classes)} classes, but the "
+                             f"checkpoint's classifier has {num_classes}")
+        return ImageFolderSplit(index, transform, collate_labelled, cfg.eval.batch_size, rank,
+                                world_size)
+    return SlicedSplit(data.val, LabelledImageDecoder(data, transform), collate_labelled,
+                       cfg.eval.batch_size, rank, world_size)
+
+
+def evaluate_checkpoint(cfg: ClassificationConfig, checkpoint: Path, run_dir: Path
+                        ) -> dict[str, Any]:
+    """Top-1 / top-5 of ``checkpoint`` over ``data.val``, every rank scoring its slice; rank 0
+    writes them to ``run_dir/eval.json``."""
+    from finetune.classification.task import ClassifierModule
+
+    distributed.init_distributed(cfg.deepspeed.backend)
+    rank, world_size = distributed.rank(), distributed.world_size()
+    model, transform, classes = load_classifier(checkpoint, cfg)
+    num_classes = model.num_classes
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                          else "cpu")
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" and device.type == "cuda" \
+        else torch.float32
+    module = ClassifierModule(model.to(device=device, dtype=dtype))
+    split = _split(cfg, transform, classes, num_classes, rank, world_size)
+    evaluator = AccuracyEvaluator(sliced_loader(split, cfg.data.workers), num_classes)
+
+    def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+        return {"image": batch["image"].to(device, dtype=dtype, non_blocking=True),
+                "label": batch["label"].to(device), "skipped": batch["skipped"]}
+
+    results = run_evaluation(evaluator, module, to_device)
+    if rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(run_dir) / "eval.json", json.dumps(
+            {"checkpoint": str(checkpoint), "results": results}, indent=2))
+    return results
