@@ -49,6 +49,10 @@ class ClassificationData(StreamConfig):
     random_erasing: float = Field(0.25, ge=0, le=1)
     scale: tuple[float, float] = (0.08, 1.0)
     crop_pct: float = Field(0.875, gt=0, le=1)  # evaluation: resize to size/crop_pct, centre crop
+    # normalisation: our encoders are pretrained with OpenAI's statistics; the papers' ImageNet
+    # recipes (and their released weights) use (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     mixup: float = Field(0.0, ge=0)  # alpha; 0 disables
     cutmix: float = Field(0.0, ge=0)  # alpha; 0 disables
 

@@ -13,7 +13,7 @@ from timm.data import create_transform
 
 from data_tools.imagefolder import ImageFolderIndex, scan_imagefolder
 from finetune.config import ClassificationData
-from pretrain.data import OPENAI_MEAN, OPENAI_STD, decode_image
+from pretrain.data import decode_image
 
 
 def label_index(meta: dict[str, Any], cfg: ClassificationData) -> int:
@@ -29,18 +29,18 @@ def classification_transform(cfg: ClassificationData, training: bool,
                              linear_probe: bool = False) -> Callable:
     """timm's ImageNet pipeline: RandomResizedCrop + RandAugment + random erasing for training
     (crop and flip only for a linear probe), resize + centre crop for evaluation; normalised
-    like pretraining (OpenAI mean/std)."""
+    by ``data.mean`` / ``data.std``."""
     if training and linear_probe:
         return create_transform(cfg.image_size, is_training=True, scale=cfg.scale,
-                                color_jitter=None, interpolation="bicubic", mean=OPENAI_MEAN,
-                                std=OPENAI_STD)
+                                color_jitter=None, interpolation="bicubic", mean=cfg.mean,
+                                std=cfg.std)
     if training:
         return create_transform(
             cfg.image_size, is_training=True, scale=cfg.scale, auto_augment=cfg.randaugment,
-            re_prob=cfg.random_erasing, interpolation="bicubic", mean=OPENAI_MEAN,
-            std=OPENAI_STD)
+            re_prob=cfg.random_erasing, interpolation="bicubic", mean=cfg.mean,
+            std=cfg.std)
     return create_transform(cfg.image_size, is_training=False, crop_pct=cfg.crop_pct,
-                            interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
+                            interpolation="bicubic", mean=cfg.mean, std=cfg.std)
 
 
 class LabelledImageDecoder:

@@ -36,11 +36,16 @@ from finetune.classification.imagefolder import ImageFolderSplit, ImageFolderStr
 from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationConfig
 from finetune.transfer import build_encoder, resolve_spec
-from pretrain.data import OPENAI_MEAN, OPENAI_STD, ResumableStream, StreamState, TrainLoader
+from pretrain.data import ResumableStream, StreamState, TrainLoader
 from pretrain.eval_data import SlicedSplit, sliced_loader
 from pretrain.flops import image_model_train_flops
 from pretrain.models.spec import SPEC_KEY, ModelSpec
 from pretrain.models.timm_export import write_timm_export
+from pretrain.models.weights import (
+    WeightsMismatchError,
+    check_encoder_weights,
+    load_encoder_weights,
+)
 from pretrain.task import Batch, Evaluator, LossOutput, Task, stream_epoch_samples
 
 MODEL_PREFIX = "model."
@@ -80,6 +85,17 @@ def _criterion(cfg: ClassificationConfig, mixup: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def _classifier_fits(model: nn.Module, weights: str) -> bool:
+    """Whether ``weights`` hold a classifier for exactly this model's classes (an ImageNet
+    checkpoint continued at 384 px keeps its head; an encoder export or another class count
+    gets a fresh one)."""
+    try:
+        check_encoder_weights(model, weights)
+    except WeightsMismatchError:
+        return False
+    return True
+
+
 class ClassificationTask(Task):
     label = "finetune"
     cfg: ClassificationConfig
@@ -104,10 +120,12 @@ class ClassificationTask(Task):
     def build_module(self) -> nn.Module:
         encoder = self.cfg.encoder
         probe = self.cfg.linear_probe
-        model = build_encoder(self.spec, encoder.weights,
-                              drop_path=0.0 if probe else encoder.drop_path,
+        model = build_encoder(self.spec, None, drop_path=0.0 if probe else encoder.drop_path,
                               grad_checkpointing=encoder.grad_checkpointing,
                               num_classes=self.cfg.data.num_classes)
+        if encoder.weights is not None:
+            load_encoder_weights(model, encoder.weights,
+                                 skip_classifier=not _classifier_fits(model, encoder.weights))
         # ZeRO 1/2 train this very object, so the EMA can follow it (ZeRO-3 has no EMA)
         self._module = ClassifierModule(model, _criterion(self.cfg, self.mixup is not None),
                                         frozen_encoder=probe)
@@ -223,7 +241,7 @@ class ClassificationTask(Task):
         # the evaluation transform of this recipe, so timm's create_transform reproduces it
         recipe = {"input_size": [3, data.image_size, data.image_size],
                   "crop_pct": data.crop_pct, "interpolation": "bicubic",
-                  "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}
+                  "mean": list(data.mean), "std": list(data.std)}
         if data.layout == "imagefolder":
             recipe["label_names"] = self.train_index.classes
         elif data.classes is not None:
