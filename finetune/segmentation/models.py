@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from finetune.backbone import Backbone
+from pretrain import distributed
 
 PAD_MULTIPLE = 32
 
@@ -160,3 +161,28 @@ def build_segmenter(kind: str, backbone: Backbone, num_classes: int, decoder_cha
                                dropout)
         return Segmenter(backbone, head)
     raise ValueError(f"model.kind: unknown segmenter {kind!r} (upernet, semantic_fpn)")
+
+
+def average_batchnorm_statistics(module: nn.Module) -> None:
+    """Collective: every per-rank BatchNorm's running mean and variance averaged over the ranks
+    (SyncBatchNorm's already agree).
+
+    DeepSpeed, unlike DDP, never synchronises buffers, so per-rank BatchNorm statistics drift
+    apart: each rank would evaluate a different model, and checkpoints keep only rank 0's (a
+    resumed rank 1 would lose its own). Averaging them after every optimizer step (timm's
+    ``distribute_bn`` does it per epoch) keeps one model on every rank, in every checkpoint
+    and in the export, for one small all-reduce per step."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats]
+    buffers = [b for m in norms for b in (m.running_mean, m.running_var)]
+    if not buffers or distributed.world_size() == 1:
+        return
+    flat = torch.cat([b.detach().double().flatten().cpu() for b in buffers])
+    mean = distributed.all_reduce(flat) / distributed.world_size()
+    offset = 0
+    with torch.no_grad():
+        for buffer in buffers:
+            count = buffer.numel()
+            buffer.copy_(mean[offset:offset + count].view_as(buffer).to(buffer.dtype))
+            offset += count

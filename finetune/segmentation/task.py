@@ -19,6 +19,7 @@ from data_tools.files import atomic_torch_save, atomic_write_text
 from finetune.backbone import Backbone
 from finetune.config import SegmentationConfig
 from finetune.segmentation.data import (
+    FolderLoader,
     FolderSplit,
     FolderStream,
     LoadPair,
@@ -26,7 +27,7 @@ from finetune.segmentation.data import (
     list_samples,
 )
 from finetune.segmentation.evaluate import SegmentationEvaluator, class_names
-from finetune.segmentation.models import Segmenter, build_segmenter
+from finetune.segmentation.models import Segmenter, average_batchnorm_statistics, build_segmenter
 from finetune.transfer import resolve_spec
 from pretrain.data import StreamState, TrainLoader
 from pretrain.eval_data import sliced_loader
@@ -115,6 +116,9 @@ class SegmentationTask(Task):
             group["lr"] = self.cfg.optimizer.lr
         return groups
 
+    def after_optimizer_step(self, module: nn.Module, step: int) -> None:
+        average_batchnorm_statistics(module)
+
     def epoch_samples(self) -> int | None:
         return self.cfg.data.epoch_samples or len(self.train_samples)
 
@@ -128,7 +132,7 @@ class SegmentationTask(Task):
         stream = FolderStream(self.train_samples, self.load, augment, data.batch_size,
                               self.cfg.train.seed, rank, distributed.world_size(),
                               data.workers, state)
-        return TrainLoader(stream, data.workers)
+        return FolderLoader(stream, data.workers)
 
     def evaluator(self, rank: int, world_size: int) -> Evaluator:
         data = self.cfg.data
