@@ -29,6 +29,11 @@ def make_trainer(cfg: PretrainConfig, run_dir: Path):  # noqa: ANN201 (imports D
 def check_inputs(cfg: PretrainConfig) -> None:
     # every shard of every set exists, and every set has samples (an empty one hangs training)
     check_samples(load_mixture(cfg.data.mixture_spec))
+    init = cfg.model.init_from
+    if init.clip is not None or init.image is not None:
+        from pretrain.warm_start import check_warm_start  # builds the model on the meta device
+
+        check_warm_start(cfg.model)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pretrain.flops import train_flops_per_sample
 from pretrain.loss import ContrastiveTask, build_loss
 from pretrain.models.clip import build_clip, build_tokenizer
 from pretrain.task import Evaluator, Task, stream_epoch_samples
+from pretrain.warm_start import warm_start
 
 
 def clip_param_groups(task: torch.nn.Module, cfg: PretrainConfig) -> list[dict[str, Any]]:
@@ -53,6 +54,7 @@ class ClipTask(Task):
         cfg = self.cfg
         logit_bias = -10.0 if cfg.loss.kind == "siglip" else None
         clip = build_clip(cfg.model, init_logit_bias=logit_bias)
+        warm_start(clip, cfg.model.init_from)
         loss = build_loss(cfg.loss, distributed.rank(), distributed.world_size())
         return ContrastiveTask(clip, loss, cfg.loss.max_logit_scale)
 

@@ -214,10 +214,22 @@ class TextTower(Section):
         return self
 
 
+class WarmStart(Section):
+    """Weights a new run starts from (a resumed run ignores them: its checkpoint wins).
+
+    ``clip``: a whole CLIP model of the same architecture (an open_clip checkpoint or
+    ``open_clip_model.safetensors``, or this project's ``clip.pt``); ``image``: the image tower
+    only (an official DaViT / DAT++ / DWNet checkpoint, a timm one, or our ``encoder.pt``)."""
+
+    clip: str | None = None
+    image: str | None = None
+
+
 class ModelConfig(Section):
     embed_dim: int = Field(512, ge=8)
     image: ImageTower = Field(default_factory=ImageTower)
     text: TextTower = Field(default_factory=TextTower)
+    init_from: WarmStart = Field(default_factory=WarmStart)
 
 
 class ShardSetConfig(Section):

@@ -19,6 +19,13 @@ from tests.conftest import TINY_MODEL, run_deepspeed
 
 STEPS = 60
 EVAL_EVERY = 20
+MODEL = [
+    *TINY_MODEL,
+    # a two-layer text tower: with one layer, "red" as the shape's colour and as the
+    # background's stay confused and zero-shot colour stays at chance (measured)
+    "--set", "model.embed_dim=64", "--set", "model.text.width=64",
+    "--set", "model.text.heads=4", "--set", "model.text.layers=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +58,7 @@ def pretrain_run(shape_shards: dict[str, str], colour_folder: tuple[Path, Path],
         "--set", f"eval.retrieval=[{{name: heldout, shards: '{shape_shards['heldout']}'}}]",
     ]
     run_deepspeed("pretrain.py", [
-        "--config", "demo", "--run-dir", str(run_dir), *TINY_MODEL, *evaluations,
-        # a two-layer text tower: with one layer, "red" as the shape's colour and as the
-        # background's stay confused and zero-shot colour stays at chance (measured)
-        "--set", "model.embed_dim=64", "--set", "model.text.width=64",
-        "--set", "model.text.heads=4", "--set", "model.text.layers=2",
+        "--config", "demo", "--run-dir", str(run_dir), *MODEL, *evaluations,
         "--set", f"data.train={shape_shards['train']}",
         "--set", "data.batch_size=32", "--set", "data.workers=1",
         "--set", "data.shuffle_buffer=64", "--set", "data.shuffle_initial=16",
@@ -258,3 +261,61 @@ def test_timm_and_smp_load_the_image_tower(pretrain_run: Path) -> None:
                for k, v in segmenter.encoder.model.state_dict().items()}
     trunk = ours.state_dict()
     assert encoder and all(torch.equal(v, trunk[k]) for k, v in encoder.items())
+
+
+def _warm_started(run_dir: Path, shape_shards: dict, stage: int, *init: str) -> None:
+    """One optimizer step at a negligible lr: the run's export is its starting point."""
+    run_deepspeed("pretrain.py", [
+        "--config", "demo", "--run-dir", str(run_dir), *MODEL, *init,
+        "--set", f"data.train={shape_shards['train']}", "--set", "data.batch_size=8",
+        "--set", "data.shuffle_buffer=16", "--set", "data.shuffle_initial=8",
+        "--set", "schedule.steps=1", "--set", "schedule.warmup_steps=0",
+        "--set", "optimizer.lr=1e-12", "--set", f"deepspeed.zero_stage={stage}",
+        "--set", "log.progress=false"])
+
+
+def test_warm_start_from_an_open_clip_checkpoint_under_zero3(pretrain_run: Path,
+                                                            shape_shards: dict,
+                                                            tmp_path: Path) -> None:
+    source = pretrain_run / "export" / "open_clip" / "open_clip_model.safetensors"
+    _warm_started(tmp_path / "run", shape_shards, 3, "--set", f"model.init_from.clip={source}")
+    from pretrain.export import load_exported_clip
+
+    started, _ = load_exported_clip(tmp_path / "run" / "export" / "clip.pt")
+    original, _ = load_exported_clip(pretrain_run / "export" / "clip.pt")
+    original_params = dict(original.named_parameters())
+    for name, value in started.named_parameters():
+        assert torch.allclose(value, original_params[name], atol=1e-6), name
+
+
+def test_warm_start_of_the_image_tower_only(pretrain_run: Path, shape_shards: dict,
+                                            tmp_path: Path) -> None:
+    source = pretrain_run / "export" / "timm" / "model.safetensors"
+    _warm_started(tmp_path / "run", shape_shards, 1, "--set", f"model.init_from.image={source}")
+    from pretrain.export import load_exported_clip
+
+    started, _ = load_exported_clip(tmp_path / "run" / "export" / "clip.pt")
+    original, _ = load_exported_clip(pretrain_run / "export" / "clip.pt")
+    trunk = dict(original.visual.trunk.named_parameters())
+    assert all(torch.allclose(v, trunk[n], atol=1e-6)
+               for n, v in started.visual.trunk.named_parameters())
+    # the text tower was not in the file: it starts fresh, far from the trained one
+    assert not torch.allclose(started.text_projection, original.text_projection, atol=1e-3)
+
+
+def test_check_rejects_a_warm_start_that_does_not_fit(pretrain_run: Path, shape_shards: dict,
+                                                     tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    encoder_only = pretrain_run / "export" / "encoder.pt"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", "demo", "--check",
+         *MODEL, "--set", f"data.train={shape_shards['train']}",
+         "--set", f"model.init_from.clip={encoder_only}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert str(encoder_only) in lines[0] and "does not fit" in lines[0], lines[0]
