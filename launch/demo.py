@@ -1,9 +1,10 @@
-"""The whole pipeline, small, on this machine: data -> CLIP pretraining -> zero-shot -> fine-tune.
+"""The whole pipeline, small, on this machine: data -> CLIP pretraining -> zero-shot -> fine-tune
+-> segmentation.
 
     make demo          # or: .venv/bin/python launch/demo.py
 
 Runs with 2 DeepSpeed ranks (CPU + gloo when there is no GPU) and writes everything under
-runs/demo/: the pretraining and fine-tuning runs, training.png and summary.json.
+runs/demo/: the pretraining, fine-tuning and segmentation runs, training.png and summary.json.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SPLITS = {  # name: (samples, seed); different seeds give disjoint draws
     "labelled": (2048, 2),
     "heldout": (1024, 1),
 }
+SEGMENTATION_SPLITS = (200, 40)  # synthetic ADE-layout training / held-out images (5 classes)
 
 
 def run_deepspeed(script: str, args: list[str], num_ranks: int) -> None:
@@ -51,23 +53,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removing the previous demo run in {out}", flush=True)
         shutil.rmtree(out)
 
-    print("== 1/4 synthetic data", flush=True)
+    print("== 1/5 synthetic data", flush=True)
     patterns = {name: write_synthetic_shards(data / name, count, seed)
                 for name, (count, seed) in SPLITS.items()}
 
-    print("== 2/4 CLIP pretraining (DeepSpeed)", flush=True)
+    print("== 2/5 CLIP pretraining (DeepSpeed)", flush=True)
     pretrain_dir = out / "pretrain"
     run_deepspeed("pretrain.py", ["--config", "demo", "--run-dir", str(pretrain_dir),
                                   "--set", f"data.train={patterns['train']}"], args.ranks)
 
-    print("== 3/4 zero-shot evaluation", flush=True)
+    print("== 3/5 zero-shot evaluation", flush=True)
     from pretrain.evaluate import zero_shot_accuracy
 
     prompts = {field: zero_shot_prompts(field) for field in ("color", "shape")}
     zero_shot = zero_shot_accuracy(pretrain_dir / "export" / "clip.pt", patterns["heldout"],
                                    prompts)
 
-    print("== 4/4 fine-tuning a shape classifier (DeepSpeed)", flush=True)
+    print("== 4/5 fine-tuning a shape classifier (DeepSpeed)", flush=True)
     finetune_dir = out / "finetune"
     run_deepspeed("finetune.py", [
         "--config", "demo_shapes", "--run-dir", str(finetune_dir),
@@ -77,9 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     ], args.ranks)
     finetune = json.loads((finetune_dir / "eval.json").read_text())["results"]
 
+    print("== 5/5 segmentation: UPerNet on synthetic ADE-layout data (DeepSpeed)", flush=True)
+    from finetune.segmentation.synthetic import write_synthetic_ade
+
+    segmentation_dir = out / "segmentation"
+    run_deepspeed("finetune.py", [
+        "--config", "ade20k/demo", "--run-dir", str(segmentation_dir),
+        "--set", f"encoder.weights={pretrain_dir / 'export' / 'encoder.pt'}",
+        "--set", f"data.root={write_synthetic_ade(data / 'segmentation', *SEGMENTATION_SPLITS)}",
+    ], args.ranks)
+    segmentation = json.loads((segmentation_dir / "eval.json").read_text())["results"]
+
     plot_training(pretrain_dir / "metrics.jsonl", out / "training.png",
                   title="demo CLIP pretraining (2 ranks, DeepSpeed)")
-    summary = _summary(pretrain_dir, zero_shot, finetune, time.perf_counter() - began)
+    summary = _summary(pretrain_dir, zero_shot, finetune, segmentation,
+                       time.perf_counter() - began)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table([(k, f"{v:.4f}" if isinstance(v, float) else str(v))
                         for k, v in summary.items()]))
@@ -87,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _summary(pretrain_dir: Path, zero_shot: dict, finetune: dict, wall_s: float) -> dict:
+def _summary(pretrain_dir: Path, zero_shot: dict, finetune: dict, segmentation: dict,
+             wall_s: float) -> dict:
     from pretrain.metrics import read_metrics
 
     records = read_metrics(pretrain_dir / "metrics.jsonl")
@@ -98,6 +113,8 @@ def _summary(pretrain_dir: Path, zero_shot: dict, finetune: dict, wall_s: float)
         "finetune_top1_shape": finetune["top1"],
         "chance_color": 1 / 8,
         "chance_shape": 1 / 3,
+        "segmentation_miou_heldout": segmentation["mIoU"],
+        "segmentation_aacc_heldout": segmentation["aAcc"],
         "pretrain_steps": records[-1]["step"],
         "pretrain_samples_seen": records[-1]["samples_seen"],
         "pretrain_final_loss": records[-1]["loss"],
