@@ -25,6 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_tools.files import atomic_write_bytes
+
 SHARD_DIGITS = 5
 SAMPLE_DIGITS = 4
 MAX_SAMPLES_PER_SHARD = 10**SAMPLE_DIGITS
@@ -81,12 +83,6 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Stream samples into one shard; ``finish`` publishes tar, parquet, then ``_stats.json``.
 
@@ -133,7 +129,7 @@ class ShardWriter:
         tar_bytes = self._tmp.stat().st_size
         os.replace(self._tmp, self._final)
         name = shard_name(self.shard_index)
-        _atomic_write_bytes(self.output_dir / f"{name}.parquet", _parquet_bytes(self.rows))
+        atomic_write_bytes(self.output_dir / f"{name}.parquet", _parquet_bytes(self.rows))
         stats = {
             "shard": name,
             "count": len(self.rows),
@@ -142,7 +138,7 @@ class ShardWriter:
             **(extra_stats or {}),
         }
         payload = json.dumps(stats, indent=2, sort_keys=True).encode("utf-8")
-        _atomic_write_bytes(stats_path(self.output_dir, self.shard_index), payload)
+        atomic_write_bytes(stats_path(self.output_dir, self.shard_index), payload)
         return stats
 
     def abort(self) -> None:
@@ -230,7 +226,7 @@ def write_sizes(
 def save_sizes(output_dir: Path | str, sizes: dict[str, int]) -> Path:
     """Write ``sizes.json`` (shard basename -> samples) atomically and return its path."""
     path = Path(output_dir) / "sizes.json"
-    _atomic_write_bytes(path, json.dumps(sizes, indent=2).encode())
+    atomic_write_bytes(path, json.dumps(sizes, indent=2).encode())
     return path
 
 

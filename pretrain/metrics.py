@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from data_tools.files import atomic_write_text
+
 
 def peak_memory_gb() -> float:
     """Peak accelerator memory if there is one, else the process's peak resident set size."""
@@ -54,9 +56,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from data_tools.files import atomic_write_text
+from data_tools.files import atomic_write, atomic_write_text
 from pretrain.models.spec import ModelSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -74,9 +74,7 @@ def write_timm_export(state_dict: dict[str, torch.Tensor], spec: ModelSpec,
     }
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
     weights = out_dir / WEIGHTS_FILE
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(weights)
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     # config.json last: a folder with it is complete
     atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out_dir
