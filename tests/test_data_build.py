@@ -119,7 +119,7 @@ import data_tools.shard_writer as writer
 from data_tools import build_shards
 point, target = sys.argv[1], sys.argv[2]
 members = 0
-add_member, atomic_write = writer._add_member, writer._atomic_write_bytes
+add_member, atomic_write = writer._add_member, writer.atomic_write_bytes
 def add(tar, name, payload):
     global members
     members += 1
@@ -130,7 +130,7 @@ def write(path, payload):
     if point == "file" and path.name == target:
         os.kill(os.getpid(), signal.SIGKILL)
     atomic_write(path, payload)
-writer._add_member, writer._atomic_write_bytes = add, write
+writer._add_member, writer.atomic_write_bytes = add, write
 build_shards.main(sys.argv[3:])
 """
 
