@@ -3,6 +3,8 @@ and builds its model (on the meta device): UPerNet models match the papers' para
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,3 +71,26 @@ def test_a_bad_segmentation_field_is_one_line_naming_it() -> None:
         load_config(FinetuneConfig, ADE / "upernet_davit_tiny_160k.yaml", ["model.kind=fcn"])
     with pytest.raises(ConfigError, match="eval.overlays"):
         load_config(FinetuneConfig, ADE / "upernet_davit_tiny_160k.yaml", ["eval.overlays=3"])
+
+
+def test_check_names_a_missing_dataset_folder_or_unfitting_weights(tmp_path: Path) -> None:
+    from finetune.segmentation.synthetic import write_synthetic_ade
+    from finetune.tasks import check_inputs
+
+    config = ADE / "upernet_davit_tiny_160k.yaml"
+    cfg = load_config(FinetuneConfig, config, [f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match="nowhere/images/training"):
+        check_inputs(cfg)
+    root = write_synthetic_ade(tmp_path / "ade", train=2, val=1)
+    cfg = load_config(FinetuneConfig, config, [f"data.root={root}"])
+    with pytest.raises(FileNotFoundError, match="pretrained/davit_tiny.pth"):
+        check_inputs(cfg)
+    # an official segmentation checkpoint of another encoder: one line naming the file
+    state = {f"backbone.{k}": v for k, v in
+             torch.nn.Linear(2, 2).state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "upernet.pth")
+    cfg = load_config(FinetuneConfig, config, [f"data.root={root}",
+                                               f"encoder.weights={tmp_path / 'upernet.pth'}"])
+    with pytest.raises(ValueError, match="upernet.pth.*does not fit") as error:
+        check_inputs(cfg)
+    assert "\n" not in str(error.value)
