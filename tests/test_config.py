@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from finetune.config import ClassificationConfig, FinetuneConfig
-from pretrain.config import ConfigError, PretrainConfig, ScheduleConfig, load_config
+from pretrain.config import (
+    ConfigError,
+    EvalConfig,
+    PretrainConfig,
+    ScheduleConfig,
+    load_config,
+)
 from pretrain.schedule import resolve_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +50,10 @@ def test_finetune_config_is_chosen_by_its_task(tmp_path: Path) -> None:
 def test_pretraining_and_finetuning_share_their_sections() -> None:
     pretrain = load_config(PretrainConfig, "demo", kind="pretrain")
     finetune = load_config(FinetuneConfig, "demo_shapes", kind="finetune")
-    for section in ("train", "optimizer", "schedule", "eval", "deepspeed", "log", "checkpoint"):
+    for section in ("train", "optimizer", "schedule", "deepspeed", "log", "checkpoint"):
         assert type(getattr(pretrain, section)) is type(getattr(finetune, section)), section
+    # pretraining extends the shared eval section with its zero-shot and retrieval sets
+    assert isinstance(pretrain.eval, EvalConfig) and type(finetune.eval) is EvalConfig
     assert type(pretrain.data).__mro__[1] is type(finetune.data).__mro__[1]  # StreamConfig
 
 
