@@ -95,6 +95,8 @@ def test_exports_load_in_timm(reference: Path) -> None:
     assert not torch.allclose(outputs["timm"], outputs["timm_ema"])
 
 
+@pytest.mark.slow  # two more launches (~80 s idle, more on a busy machine); the folder stream's
+# exact resume is also checked in-process by tests/test_imagefolder.py in the fast suite
 def test_kill_and_resume_is_exact(reference: Path, imagenet_like: dict[str, Path],
                                   tmp_path: Path) -> None:
     resumed = tmp_path / "resumed"
