@@ -33,7 +33,7 @@ def imagenet_like(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"train": root / "train", "val": root / "val"}
 
 
-def _args(run_dir: Path, data: dict[str, Path]) -> list[str]:
+def _args(run_dir: Path, data: dict[str, Path], zero_stage: int = 2) -> list[str]:
     return ["--config", "demo_shapes", "--run-dir", str(run_dir), *ENCODER,
             "--set", "data.layout=imagefolder", "--set", f"data.train={data['train']}",
             "--set", f"data.val={data['val']}", "--set", "data.classes=null",
@@ -45,7 +45,7 @@ def _args(run_dir: Path, data: dict[str, Path]) -> list[str]:
             "--set", "ema.decay=0.9", "--set", "eval.every=8", "--set", "eval.batch_size=32",
             "--set", "eval.best_metric=ema_top1",
             "--set", "checkpoint.every=4", "--set", "checkpoint.keep=1",
-            "--set", "deepspeed.zero_stage=2", "--set", "log.every=1"]
+            "--set", f"deepspeed.zero_stage={zero_stage}", "--set", "log.every=1"]
 
 
 def _evaluations(run_dir: Path) -> dict[int, dict]:
@@ -95,12 +95,16 @@ def test_exports_load_in_timm(reference: Path) -> None:
     assert not torch.allclose(outputs["timm"], outputs["timm_ema"])
 
 
-@pytest.mark.slow  # two more launches (~80 s idle, more on a busy machine); the folder stream's
-# exact resume is also checked in-process by tests/test_imagefolder.py in the fast suite
+@pytest.mark.slow  # two or three more launches (~80 s idle per stage, more on a busy machine);
+# the folder stream's exact resume is also checked in-process by tests/test_imagefolder.py
+@pytest.mark.parametrize("zero_stage", [1, 2])  # the stages the EMA supports
 def test_kill_and_resume_is_exact(reference: Path, imagenet_like: dict[str, Path],
-                                  tmp_path: Path) -> None:
+                                  tmp_path: Path, zero_stage: int) -> None:
+    if zero_stage != 2:  # the shared reference run is ZeRO-2
+        reference = tmp_path / "reference"
+        run_deepspeed("finetune.py", _args(reference, imagenet_like, zero_stage))
     resumed = tmp_path / "resumed"
-    interrupt_and_resume("finetune.py", _args(resumed, imagenet_like), resumed,
+    interrupt_and_resume("finetune.py", _args(resumed, imagenet_like, zero_stage), resumed,
                          after_step=10, how="kill")
     expected, got = losses(reference), losses(resumed)
     assert sorted(got) == list(range(1, STEPS + 1))
