@@ -79,3 +79,29 @@ def test_linear_probe_refuses_the_heavy_augmentation() -> None:
     with pytest.raises(ConfigError, match="needs ema.enabled"):
         load_config(FinetuneConfig, "imagenet/davit_tiny", ["eval.best_metric=ema_top1"],
                     kind="finetune")
+
+
+def test_check_names_a_missing_or_mismatched_image_folder(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from data_tools.imagefolder_synthetic import write_synthetic_imagefolder
+    from tests.conftest import ROOT
+
+    write_synthetic_imagefolder(tmp_path / "train", 3, per_class=1, seed=0, image_size=16)
+
+    def check(*overrides: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "launch/finetune.py", "--config", "imagenet/davit_tiny",
+                   "--check", *(arg for o in overrides for arg in ("--set", o))]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    missing = check(f"data.train={tmp_path / 'nope'}")
+    assert missing.returncode == 2
+    assert f"input error: data.train: no such image folder: {tmp_path / 'nope'}" in missing.stderr
+    mismatched = check(f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'train'}")
+    assert mismatched.returncode == 2
+    assert "3 class folders, but data.num_classes is 1000" in mismatched.stderr
+    fine = check(f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'train'}",
+                 "data.num_classes=3")
+    assert fine.returncode == 0, fine.stderr[-500:]
+    assert "layout: imagefolder" in fine.stdout
