@@ -127,3 +127,18 @@ def test_command_line(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
         main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "t")])
     assert exit_info.value.code == 2
     assert "no such image folder" in capsys.readouterr().err
+
+
+def test_a_folder_of_undecodable_files_ends_the_run_in_one_line(tmp_path: Path) -> None:
+    from pretrain.errors import TrainingAborted
+
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / wnid).mkdir()
+        for n in range(3):
+            (tmp_path / wnid / f"{n}.JPEG").write_bytes(b"<html>not an image</html>")
+    index = scan_imagefolder(tmp_path)
+    stream = ImageFolderStream(index, _to_tensor, collate_labelled, 2, seed=0, rank=0,
+                               world_size=1, num_workers=1, state=StreamState.fresh(1))
+    loader = TrainLoader(stream, 0)
+    with pytest.raises(TrainingAborted, match="the last 6 images read all failed to decode"):
+        next(loader)
