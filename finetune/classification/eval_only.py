@@ -82,6 +82,12 @@ def _split(cfg: ClassificationConfig, transform: Callable, classes: list[str] | 
     if data.layout == "imagefolder":
         from data_tools.imagefolder import scan_imagefolder
 
+        if data.classes is None and classes is not None:
+            # a checkpoint's label names fix the order only if they name the val folders
+            # (our exports list wnids; other exports may list readable names)
+            val = Path(data.val)
+            folders = {e.name for e in val.iterdir() if e.is_dir()} if val.is_dir() else set()
+            classes = classes if folders <= set(classes) else None
         index = scan_imagefolder(data.val, data.classes or classes)
         if len(index.classes) > num_classes:
             raise ValueError(f"data.val {data.val}: {len(index.classes)} classes, but the "
