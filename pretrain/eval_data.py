@@ -42,6 +42,7 @@ class SlicedSplit(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slot, slots = self.rank * workers + worker, self.world_size * workers
         items: list[Any] = []
+        pending: dict[str, Any] | None = None
         skipped = 0
         source = (ordered_dataset(self.pattern) if isinstance(self.pattern, str)
                   else self.pattern())
@@ -56,10 +57,17 @@ class SlicedSplit(IterableDataset):
                 skipped += 1
                 continue
             if len(items) == self.batch_size:
-                yield {**self.collate(items), "skipped": 0}
-                items = []
+                # held back one batch: the last one carries the slice's count of skipped
+                # samples, including any met after the last full batch
+                if pending is not None:
+                    yield {**pending, "skipped": 0}
+                pending, items = self.collate(items), []
         if items:
-            yield {**self.collate(items), "skipped": skipped}
+            if pending is not None:
+                yield {**pending, "skipped": 0}
+            pending = self.collate(items)
+        if pending is not None:
+            yield {**pending, "skipped": skipped}
         elif skipped:
             print(f"rank {self.rank} worker {worker}: {skipped} validation samples could not be "
                   "decoded, and no sample of this slice could", flush=True)
