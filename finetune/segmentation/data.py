@@ -306,4 +306,7 @@ class FolderSplit(IterableDataset):
             yield {"image": normalize(image, self.mean, self.std)[None], "label": label[None],
                    "index": torch.tensor([index]), "skipped": skipped}
             skipped = 0
+        if skipped:  # no later image of this slice carries the count
+            print(f"rank {self.rank} worker {worker}: the last {skipped} validation images of "
+                  "this slice could not be read", flush=True)
 
