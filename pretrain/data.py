@@ -369,7 +369,11 @@ class TrainLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
-            self._iterator = iter(self.loader)
+            # Starting the iterator draws the workers' base seed from the global torch RNG: at
+            # step 1 in a fresh run, right after the RNG was restored in a resumed one. Forked,
+            # it leaves training's stream (dropout, drop path) where an uninterrupted run has it.
+            with torch.random.fork_rng(devices=[]):
+                self._iterator = iter(self.loader)
         batch = next(self._iterator)
         if _STREAM_ERROR in batch:
             self.close()

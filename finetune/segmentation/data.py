@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.segmentation.inference import rescaled_size
-from pretrain.data import StreamState, TrainLoader, WorkerPosition
+from pretrain.data import StreamState, WorkerPosition
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 Sample = tuple[Path, Path]  # image file, annotation file
@@ -264,20 +264,6 @@ class FolderStream(IterableDataset):
                 yield {**collate_crops(decoded), "worker": worker,
                        "position": asdict(position)}
                 decoded = []
-
-
-class FolderLoader(TrainLoader):
-    """:class:`pretrain.data.TrainLoader` whose DataLoader iterator is created without
-    consuming the global torch RNG. A DataLoader draws its workers' base seed from it when
-    its iterator starts: in a fresh run that is at step 1, in a resumed one right after the
-    RNG state was restored, so without this the resumed run's dropout masks (the heads'
-    Dropout2d, drop path) would be one draw off and its losses would differ."""
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._iterator is None:
-            with torch.random.fork_rng(devices=[]):
-                self._iterator = iter(self.loader)
-        return super().__next__()
 
 
 class FolderSplit(IterableDataset):

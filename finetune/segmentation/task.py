@@ -19,7 +19,6 @@ from data_tools.files import atomic_torch_save, atomic_write_text
 from finetune.backbone import Backbone
 from finetune.config import SegmentationConfig
 from finetune.segmentation.data import (
-    FolderLoader,
     FolderSplit,
     FolderStream,
     LoadPair,
@@ -132,7 +131,7 @@ class SegmentationTask(Task):
         stream = FolderStream(self.train_samples, self.load, augment, data.batch_size,
                               self.cfg.train.seed, rank, distributed.world_size(),
                               data.workers, state)
-        return FolderLoader(stream, data.workers)
+        return TrainLoader(stream, data.workers)
 
     def evaluator(self, rank: int, world_size: int) -> Evaluator:
         data = self.cfg.data
