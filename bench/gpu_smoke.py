@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_tools.synthetic import COLORS, write_synthetic_shards  # noqa: E402
 from pretrain.launcher import deepspeed_command  # noqa: E402
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.metrics import read_training_metrics  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, SXM parts
 TINY_IMAGE = "{depths: [1, 1, 1, 1], embed_dims: [16, 32, 48, 64], num_heads: [1, 1, 1, 2]}"
@@ -99,7 +99,7 @@ def run_job(script: str, args: list[str], overrides: list[str], log: Path) -> fl
 
 def summarise(name: str, run_dir: Path, wall_s: float) -> dict[str, float]:
     """Throughput and memory of a run's metrics; raises if its loss is not finite or rose."""
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    records = read_training_metrics(run_dir / "metrics.jsonl")
     if not records or not all(math.isfinite(r["loss"]) for r in records):
         raise RuntimeError(f"{name}: missing or non-finite losses in {run_dir}")
     half = max(1, len(records) // 2)

@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary(pretrain_dir: Path, zero_shot: dict, finetune: dict, segmentation: dict,
              wall_s: float) -> dict:
-    from pretrain.metrics import read_metrics
+    from pretrain.metrics import read_training_metrics
 
-    records = read_metrics(pretrain_dir / "metrics.jsonl")
+    records = read_training_metrics(pretrain_dir / "metrics.jsonl")
     steady = records[1:] or records  # the first window includes start-up
     return {
         "zero_shot_top1_color": zero_shot["zero_shot_top1_color"],

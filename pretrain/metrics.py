@@ -81,4 +81,11 @@ def _run_id(run_dir: Path) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record: training log records (with ``loss``) and evaluation records (``eval/...``
+    keys), in the order they were logged."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_training_metrics(path: Path) -> list[dict[str, Any]]:
+    """Only the training log records (one per ``log.every`` steps)."""
+    return [record for record in read_metrics(path) if "loss" in record]

@@ -9,14 +9,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.metrics import read_training_metrics  # noqa: E402
 
 
 def plot_training(metrics_path: Path | str, output: Path | str, title: str = "") -> Path:
     """Loss and learning rate against steps, side by side, saved as a PNG."""
-    records = read_metrics(Path(metrics_path))
+    records = read_training_metrics(Path(metrics_path))
     if not records:
-        raise ValueError(f"{metrics_path} holds no records")
+        raise ValueError(f"{metrics_path} holds no training records")
     steps = [r["step"] for r in records]
     figure, (loss_axis, lr_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(steps, [r["loss"] for r in records], marker=".", color="tab:blue")
