@@ -40,6 +40,15 @@ def run_deepspeed(script: str, args: list[str], num_ranks: int) -> None:
     subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
+def _finetune(config: str, run_dir: Path, pretrain_dir: Path, num_ranks: int,
+              *overrides: str) -> dict:
+    """Fine-tune the pretrained encoder with ``config``; returns its final evaluation."""
+    settings = [f"encoder.weights={pretrain_dir / 'export' / 'encoder.pt'}", *overrides]
+    run_deepspeed("finetune.py", ["--config", config, "--run-dir", str(run_dir),
+                                  *(x for o in settings for x in ("--set", o))], num_ranks)
+    return json.loads((run_dir / "eval.json").read_text())["results"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -71,24 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print("== 4/5 fine-tuning a shape classifier (DeepSpeed)", flush=True)
     finetune_dir = out / "finetune"
-    run_deepspeed("finetune.py", [
-        "--config", "demo_shapes", "--run-dir", str(finetune_dir),
-        "--set", f"encoder.weights={pretrain_dir / 'export' / 'encoder.pt'}",
-        "--set", f"data.train={patterns['labelled']}",
-        "--set", f"data.val={patterns['heldout']}",
-    ], args.ranks)
-    finetune = json.loads((finetune_dir / "eval.json").read_text())["results"]
+    finetune = _finetune("demo_shapes", finetune_dir, pretrain_dir, args.ranks,
+                         f"data.train={patterns['labelled']}", f"data.val={patterns['heldout']}")
 
     print("== 5/5 segmentation: UPerNet on synthetic ADE-layout data (DeepSpeed)", flush=True)
     from finetune.segmentation.synthetic import write_synthetic_ade
 
     segmentation_dir = out / "segmentation"
-    run_deepspeed("finetune.py", [
-        "--config", "ade20k/demo", "--run-dir", str(segmentation_dir),
-        "--set", f"encoder.weights={pretrain_dir / 'export' / 'encoder.pt'}",
-        "--set", f"data.root={write_synthetic_ade(data / 'segmentation', *SEGMENTATION_SPLITS)}",
-    ], args.ranks)
-    segmentation = json.loads((segmentation_dir / "eval.json").read_text())["results"]
+    segmentation_data = write_synthetic_ade(data / "segmentation", *SEGMENTATION_SPLITS)
+    segmentation = _finetune("ade20k/demo", segmentation_dir, pretrain_dir, args.ranks,
+                             f"data.root={segmentation_data}")
 
     plot_training(pretrain_dir / "metrics.jsonl", out / "training.png",
                   title="demo CLIP pretraining (2 ranks, DeepSpeed)")
