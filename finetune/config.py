@@ -8,6 +8,7 @@ the file's ``task:`` names.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -192,8 +193,101 @@ class SegmentationConfig(JobConfig):
         return self
 
 
+class DetectionModel(Section):
+    """Mask R-CNN (FPN P2-P6), RetinaNet (P3-P7, P6 from C5) or Cascade Mask R-CNN (three
+    stages at IoU 0.5 / 0.6 / 0.7) on the encoder's features, torchvision's heads and ops."""
+
+    kind: Literal["mask_rcnn", "retinanet", "cascade_mask_rcnn"] = "mask_rcnn"
+    fpn_channels: int = Field(256, ge=8)
+    head_channels: int = Field(256, ge=8)  # convs of the 4conv1fc box head and the mask head
+    fc_channels: int = Field(1024, ge=8)  # the box heads' fully connected layers
+    # R-CNN box heads: "2fc" (mmdet's Shared2FCBBoxHead, the Mask R-CNN recipes) or "4conv1fc"
+    # (four 3x3 convs with BatchNorm + one fc: the DWNet / Swin Cascade recipes); null picks
+    # the recipe's (2fc for Mask R-CNN, 4conv1fc for Cascade)
+    box_head: Literal["2fc", "4conv1fc"] | None = None
+    cascade_ious: tuple[float, float, float] = (0.5, 0.6, 0.7)
+    cascade_weights: tuple[float, float, float] = (1.0, 0.5, 0.25)  # stage loss weights
+    sync_bn: bool = True  # the 4conv1fc heads' BatchNorm over all ranks (on GPUs)
+
+    def resolved_box_head(self) -> str:
+        return self.box_head or ("4conv1fc" if self.kind == "cascade_mask_rcnn" else "2fc")
+
+    @property
+    def has_masks(self) -> bool:
+        return self.kind != "retinanet"
+
+    @property
+    def out_indices(self) -> tuple[int, ...]:
+        """Encoder stages feeding the FPN: C2-C5 for the R-CNNs, C3-C5 for RetinaNet."""
+        return (1, 2, 3) if self.kind == "retinanet" else (0, 1, 2, 3)
+
+
+class DetectionData(StreamConfig):
+    """COCO as distributed: instances json + image folder per split; relative paths are under
+    ``root``. ``policy`` is the training augmentation: ``multiscale`` (flip + short side drawn
+    from ``scales``, long side <= ``max_size``), ``crop`` (the 3x recipes' two branches: that,
+    or resize to ``crop_scales`` + random crop in ``crop_size`` + resize to ``scales``) or
+    ``none`` (flip only; tests)."""
+
+    root: str = "."
+    train_annotations: str = "annotations/instances_train2017.json"
+    train_images: str = "train2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    val_images: str = "val2017"
+    policy: Literal["multiscale", "crop", "none"] = "multiscale"
+    scales: list[int] = Field(default_factory=lambda: [800])
+    max_size: int = Field(1333, ge=32)
+    crop_scales: list[int] = Field(default_factory=lambda: [400, 500, 600])
+    crop_size: tuple[int, int] = (384, 600)
+    flip: float = Field(0.5, ge=0, le=1)
+    group_by_aspect: bool = True
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def path(self, relative: str) -> str:
+        return str(Path(self.root) / relative)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DetectionData:
+        if not self.scales or min(self.scales) < 32:
+            raise ValueError("data.scales must list short sides of at least 32 px")
+        if self.crop_size[0] > self.crop_size[1]:
+            raise ValueError("data.crop_size must be (low, high)")
+        return self
+
+
+class DetectionEval(EvalConfig):
+    """Single-scale inference of the papers: short side ``min_size``, long side at most
+    ``max_size``; boxes over ``score_thresh`` after per-class NMS at ``nms_thresh``, the best
+    ``detections`` per image, masks binarised at ``mask_thresh``."""
+
+    best_metric: str | None = "bbox/AP"
+    min_size: int = Field(800, ge=32)
+    max_size: int = Field(1333, ge=32)
+    score_thresh: float = Field(0.05, ge=0, lt=1)
+    nms_thresh: float = Field(0.5, gt=0, le=1)
+    detections: int = Field(100, ge=1)
+    mask_thresh: float = Field(0.5, gt=0, lt=1)
+
+
+class DetectionConfig(JobConfig):
+    task: Literal["detection"]
+    encoder: EncoderConfig
+    model: DetectionModel = Field(default_factory=DetectionModel)
+    data: DetectionData
+    eval: DetectionEval = Field(default_factory=DetectionEval)
+
+    @model_validator(mode="after")
+    def _supported(self) -> DetectionConfig:
+        metric = self.eval.best_metric or ""
+        if metric.startswith("segm/") and not self.model.has_masks:
+            raise ValueError(f"eval.best_metric {metric!r}: RetinaNet predicts no masks")
+        return self
+
+
 TASK_CONFIGS: dict[str, type[JobConfig]] = {"classification": ClassificationConfig,
-                                            "segmentation": SegmentationConfig}
+                                            "segmentation": SegmentationConfig,
+                                            "detection": DetectionConfig}
 
 
 class FinetuneConfig:

@@ -12,12 +12,18 @@ import pickle
 from pathlib import Path
 
 from data_tools.mixture import load_mixture, shard_set
-from finetune.config import ClassificationConfig, EncoderConfig, SegmentationConfig
+from finetune.config import (
+    ClassificationConfig,
+    DetectionConfig,
+    EncoderConfig,
+    SegmentationConfig,
+)
 from pretrain.config import JobConfig
 from pretrain.task import Task
 
 TASK_CLASSES = {"classification": "finetune.classification.task:ClassificationTask",
-                "segmentation": "finetune.segmentation.task:SegmentationTask"}
+                "segmentation": "finetune.segmentation.task:SegmentationTask",
+                "detection": "finetune.detection.task:DetectionTask"}
 
 
 def task_class(cfg: JobConfig) -> type[Task]:
@@ -78,3 +84,14 @@ def check_inputs(cfg: JobConfig) -> None:
         from finetune.segmentation.checks import check_segmentation_inputs
 
         check_segmentation_inputs(cfg)
+    if isinstance(cfg, DetectionConfig):
+        from finetune.detection.coco import CocoIndex
+
+        check_encoder(cfg.encoder)
+        data = cfg.data
+        for split in ("train", "val"):
+            annotations = data.path(getattr(data, f"{split}_annotations"))
+            images = Path(data.path(getattr(data, f"{split}_images")))
+            if not images.is_dir():
+                raise FileNotFoundError(f"data.{split}_images: no such folder {images}")
+            CocoIndex(annotations, images)

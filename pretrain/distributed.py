@@ -92,6 +92,25 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's picklable ``obj`` in rank order on rank ``dst`` (``None`` elsewhere): for
+    results only one rank scores, such as a split's detections, which every rank need not hold."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] | None = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    if world_size() == 1:
+        return obj
+    holder = [obj if rank() == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def shared_memory_segment(rank: int) -> Path:
     """The /dev/shm file DeepSpeed's CPU backend creates for ``rank`` of this job."""
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")

@@ -60,7 +60,10 @@ class Trainer:
         self.global_batch = self.micro_batch * cfg.train.grad_accum * self.world_size
         self.schedule = resolve_schedule(cfg.schedule, task.epoch_samples(), self.global_batch)
         self.total_steps = self.schedule.total_steps
-        self.ds_config = deepspeed_config(cfg.deepspeed, cfg.optimizer, cfg.train.grad_accum,
+        precision = cfg.deepspeed
+        if task.autocast:  # the module autocasts its own forward; DeepSpeed keeps fp32 weights
+            precision = precision.model_copy(update={"precision": "fp32"})
+        self.ds_config = deepspeed_config(precision, cfg.optimizer, cfg.train.grad_accum,
                                           self.micro_batch, self.world_size)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1 + self.rank)  # per-rank stochastic depth etc.
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            cfg.deepspeed.precision, torch.float32)
+            precision.precision, torch.float32)
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                          self.rank)
@@ -85,6 +88,7 @@ class Trainer:
         self.nonfinite_batches = 0  # dropped micro-batches, over the whole run
         self.nonfinite_in_a_row = 0
         self.best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the best eval
+        task.run_dir = self.run_dir
         self.evaluator: Evaluator | dict[str, Evaluator] | None = (
             task.evaluator(self.rank, self.world_size) if cfg.eval.enabled else None)
         if isinstance(self.evaluator, dict) and not self.evaluator:

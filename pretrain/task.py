@@ -67,6 +67,14 @@ class Task(ABC):
 
     label: str = "train"  # progress bar and exit message
     input_keys: tuple[str, ...] = ("image",)
+    # False: ``precision: bf16`` makes DeepSpeed hold bf16 weights (fp32 master copies in the
+    # optimizer), and the floating inputs are cast to bf16. True: the weights stay fp32 and the
+    # task's module runs its forward under ``torch.autocast`` itself (detection, whose box
+    # arithmetic in pixel coordinates needs fp32: bf16 resolves 8 px at x = 1333).
+    autocast: bool = False
+    # Where the trainer writes this run (set before :meth:`evaluator` is called), for tasks
+    # whose evaluation writes files (detection's results JSON).
+    run_dir: Path | None = None
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg

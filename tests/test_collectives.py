@@ -76,6 +76,8 @@ def test_helpers_work_without_a_process_group() -> None:
     assert distributed.all_reduce(torch.tensor([3.0]), op="max").device.type == "cpu"
     assert distributed.any_rank(True) and not distributed.any_rank(False)
     assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object({"b": 2}) == {"b": 2}
     assert distributed.collective_device() == torch.device("cpu")
 
 
@@ -92,6 +94,8 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
             "max": distributed.all_reduce(torch.tensor([float(rank)]), op="max").tolist(),
             "any": distributed.any_rank(rank == 1),
             "objects": distributed.all_gather_objects({"rank": rank, "boxes": [rank] * rank}),
+            "gathered": distributed.gather_objects([rank] * (rank + 1)),
+            "broadcast": distributed.broadcast_object(f"from {rank}", src=1),
         }
     finally:
         dist.destroy_process_group()
@@ -109,4 +113,6 @@ def test_helpers_reduce_across_two_real_ranks() -> None:
     for rank in (0, 1):
         assert results[rank] == {"sum": [3.0, 20.0], "max": [1.0], "any": True,
                                  "objects": [{"rank": 0, "boxes": []},
-                                             {"rank": 1, "boxes": [1]}]}
+                                             {"rank": 1, "boxes": [1]}],
+                                 "gathered": [[0], [1, 1]] if rank == 0 else None,
+                                 "broadcast": "from 1"}

@@ -1,0 +1,191 @@
+"""COCO object detection and instance segmentation as a task of the shared trainer: Mask
+R-CNN, RetinaNet or Cascade Mask R-CNN on any registered encoder (:mod:`.models`), trained on
+COCO's json + image folders (:mod:`.data`), judged by COCOeval (:mod:`.evaluate`).
+
+Parameter groups follow the official mmdet configs of DaViT / DAT++ / DWNet: AdamW, no weight
+decay on norms, biases and the encoders' relative-position tables (``no_weight_decay``);
+layer-wise lr decay over the encoder optional (``encoder.layer_decay``), the heads at full lr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
+
+from data_tools.files import atomic_torch_save, atomic_write_text
+from finetune.config import DetectionConfig
+from finetune.detection.coco import CocoIndex
+from finetune.detection.data import CocoTrainStream, CocoValSplit, DetectionAugment
+from finetune.detection.evaluate import DetectionEvaluator
+from finetune.detection.models import DetectionModule, build_detector
+from finetune.segmentation.models import average_batchnorm_statistics
+from finetune.transfer import resolve_spec
+from pretrain.data import StreamState, TrainLoader
+from pretrain.eval_data import sliced_loader
+from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
+from pretrain.models.weights import read_state_dict
+from pretrain.task import Evaluator, Task
+
+BACKBONE_PREFIX = "detector.backbone.body.body."  # the encoder trunk inside DetectionModule
+EXPORT_NAME = "detector.pt"
+RESULTS_NAME = "detections.json"
+
+
+def build_detection_module(cfg: DetectionConfig, spec: ModelSpec, weights: str | None,
+                           num_classes: int) -> DetectionModule:
+    autocast = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else None
+    return DetectionModule(build_detector(cfg, spec, weights, num_classes),
+                           cfg.model.kind == "retinanet", autocast)
+
+
+class DetectionTask(Task):
+    label = "detection"
+    input_keys = ()  # uint8 images; the module autocasts (Task.autocast)
+    autocast = True
+    cfg: DetectionConfig
+
+    def __init__(self, cfg: DetectionConfig) -> None:
+        super().__init__(cfg)
+        encoder, data = cfg.encoder, cfg.data
+        self.spec = resolve_spec(encoder.weights, encoder.name, encoder.overrides)
+        self.train_index = CocoIndex(data.path(data.train_annotations),
+                                     data.path(data.train_images))
+        self.train_ids = self.train_index.training_image_ids()
+        if not self.train_ids:
+            raise ValueError(f"{data.path(data.train_annotations)}: no image has a usable "
+                             "(non-crowd, non-degenerate) annotation")
+        self.num_classes = self.train_index.num_classes
+
+    def build_module(self) -> nn.Module:
+        from pretrain import distributed
+
+        module = build_detection_module(self.cfg, self.spec, self.cfg.encoder.weights,
+                                        self.num_classes)
+        if self.cfg.model.sync_bn and torch.cuda.is_available() and distributed.world_size() > 1:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # the 4conv1fc heads
+        return module
+
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        optimizer = self.cfg.optimizer
+        body = module.backbone.body.body
+        no_decay = set(getattr(body, "no_weight_decay", lambda: set())() or set())
+        layer_decay = self.cfg.encoder.layer_decay
+        if layer_decay is None:
+            groups = param_groups_weight_decay(
+                module, optimizer.weight_decay,
+                no_weight_decay_list=[f"{BACKBONE_PREFIX}{p}" for p in no_decay])
+        else:
+            # timm's layer groups over the encoder; every other parameter at full lr
+            groups = param_groups_layer_decay(body, optimizer.weight_decay, no_decay,
+                                              layer_decay=layer_decay)
+            trunk = {id(p) for p in body.parameters()}
+            rest = [(n, p) for n, p in module.named_parameters()
+                    if id(p) not in trunk and p.requires_grad]
+            groups += [{"params": [p for n, p in rest if p.ndim > 1 and not n.endswith(".bias")],
+                        "weight_decay": optimizer.weight_decay},
+                       {"params": [p for n, p in rest if p.ndim <= 1 or n.endswith(".bias")],
+                        "weight_decay": 0.0}]
+        for group in groups:
+            group["lr"] = optimizer.lr * group.pop("lr_scale", 1.0)
+            group.pop("param_names", None)
+        return [g for g in groups if g["params"]]
+
+    def after_optimizer_step(self, module: nn.Module, step: int) -> None:
+        average_batchnorm_statistics(module)
+
+    def epoch_samples(self) -> int | None:
+        return self.cfg.data.epoch_samples or len(self.train_ids)
+
+    def build_loader(self, rank: int, state: StreamState) -> TrainLoader:
+        from pretrain import distributed
+
+        data = self.cfg.data
+        augment = DetectionAugment(data.policy, data.scales, data.max_size, data.flip,
+                                   data.crop_scales, data.crop_size)
+        stream = CocoTrainStream(self.train_index, augment, data.batch_size,
+                                 self.cfg.train.seed, rank, distributed.world_size(),
+                                 data.workers, state, group_by_aspect=data.group_by_aspect)
+        return TrainLoader(stream, data.workers)
+
+    def val_index(self) -> CocoIndex:
+        data = self.cfg.data
+        index = CocoIndex(data.path(data.val_annotations), data.path(data.val_images))
+        if index.category_ids != self.train_index.category_ids:
+            raise ValueError(f"{index.annotation_file}: its categories differ from the "
+                             f"training json's ({self.train_index.annotation_file})")
+        return index
+
+    def evaluator(self, rank: int, world_size: int) -> Evaluator:
+        index = self.val_index()
+        split = CocoValSplit(index, rank, world_size)
+        results = None if self.run_dir is None else self.run_dir / RESULTS_NAME
+        return DetectionEvaluator(sliced_loader(split, self.cfg.data.workers), index,
+                                  self.cfg, results)
+
+    def flops_per_sample(self) -> float:
+        """The encoder + FPN at the largest training scale (square): the heads' cost depends
+        on the number of proposals and is left out."""
+        from pretrain.flops import image_model_train_flops
+
+        return image_model_train_flops(
+            lambda: build_detection_module(self.cfg, self.spec, None,
+                                           self.num_classes).backbone,
+            max(self.cfg.data.scales))
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """``detector.pt``: the fp32 detector (torchvision keys under ``detector.``), its
+        category ids and names, and the spec that rebuilds it."""
+        atomic_torch_save({"state_dict": state_dict, SPEC_KEY: self.export_spec().to_dict()},
+                          out_dir / EXPORT_NAME)
+
+    def export_spec(self) -> ModelSpec:
+        index = self.train_index
+        return ModelSpec(self.spec.timm_name, self.spec.overrides,
+                         num_classes=self.num_classes, task="detection",
+                         options={"kind": self.cfg.model.kind,
+                                  "category_ids": list(index.category_ids),
+                                  "classes": list(index.category_names)})
+
+    @classmethod
+    def evaluate_checkpoint(cls, cfg: DetectionConfig, checkpoint: Path,
+                            run_dir: Path) -> dict[str, Any]:
+        """``--eval-only``: score ``checkpoint`` (an exported ``detector.pt``, or any file with
+        this config's detector keys) on the validation json; every rank of the launch runs its
+        slice, rank 0 writes ``run_dir/eval.json`` and ``run_dir/detections.json``."""
+        from pretrain import distributed
+
+        spec = read_spec(checkpoint)
+        encoder = cfg.encoder.model_copy(update={"weights": None})
+        if spec is not None:
+            encoder = encoder.model_copy(update={"name": spec.timm_name,
+                                                 "overrides": dict(spec.overrides)})
+        elif encoder.name is None:
+            raise ValueError(f"{checkpoint} does not say which encoder it holds: set "
+                             "encoder.name (and encoder.overrides)")
+        task = cls(cfg.model_copy(update={"encoder": encoder}))
+        task.run_dir = run_dir
+        distributed.init_distributed(cfg.deepspeed.backend)
+        module = build_detection_module(task.cfg, task.spec, None, task.num_classes)
+        missing, unexpected = module.load_state_dict(read_state_dict(checkpoint), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint}: not this config's detector ({len(missing)} "
+                             f"missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+                             f"e.g. {unexpected[:2]})")
+        module.to(distributed.collective_device())
+        from pretrain.engine import move_to_device
+        from pretrain.task import run_evaluation
+
+        device = distributed.collective_device()
+        results = run_evaluation(task.evaluator(distributed.rank(), distributed.world_size()),
+                                 module, lambda batch: move_to_device(batch, device, None))
+        if distributed.rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "eval.json", json.dumps(
+                {"checkpoint": str(checkpoint), "results": results}, indent=2))
+        distributed.barrier()
+        return results
