@@ -78,6 +78,7 @@ class ClipTask(Task):
             shuffle_initial=cfg.data.shuffle_initial,
             scale=cfg.data.scale,
             state=state,
+            jpeg_draft=cfg.data.jpeg_draft,
         )
 
     def evaluator(self, rank: int, world_size: int) -> dict[str, Evaluator]:
