@@ -12,8 +12,8 @@ def deepspeed_config(ds: DeepSpeedConfig, optimizer: OptimizerConfig, grad_accum
     """The ``deepspeed.initialize`` config for one job.
 
     The optimizer is AdamW with ``torch_adam`` so the same JSON runs on CPU (FusedAdam is
-    CUDA-only); on GPUs ``torch.optim.AdamW`` uses its fused/foreach kernels. The learning-rate
-    schedule is not in the JSON: the trainer hands DeepSpeed its own
+    CUDA-only); ``optimizer.fused`` selects torch's fused AdamW kernel, on CPUs and GPUs
+    alike. The learning-rate schedule is not in the JSON: the trainer hands DeepSpeed its own
     (:mod:`pretrain.schedule`), which DeepSpeed steps and checkpoints.
     """
     config: dict[str, Any] = {
@@ -32,6 +32,7 @@ def deepspeed_config(ds: DeepSpeedConfig, optimizer: OptimizerConfig, grad_accum
                 "weight_decay": optimizer.weight_decay,
                 "torch_adam": True,
                 "adam_w_mode": True,
+                **({"fused": True} if optimizer.fused else {}),
             },
         },
         "zero_optimization": _zero_section(ds),
