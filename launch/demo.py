@@ -1,10 +1,11 @@
 """The whole pipeline, small, on this machine: data -> CLIP pretraining -> zero-shot -> fine-tune
--> segmentation.
+-> segmentation -> detection.
 
     make demo          # or: .venv/bin/python launch/demo.py
 
 Runs with 2 DeepSpeed ranks (CPU + gloo when there is no GPU) and writes everything under
-runs/demo/: the pretraining, fine-tuning and segmentation runs, training.png and summary.json.
+runs/demo/: the pretraining, fine-tuning, segmentation and detection runs, training.png and
+summary.json.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SPLITS = {  # name: (samples, seed); different seeds give disjoint draws
     "heldout": (1024, 1),
 }
 SEGMENTATION_SPLITS = (200, 40)  # synthetic ADE-layout training / held-out images (5 classes)
+DETECTION_SPLITS = (64, 16)  # generated COCO training / held-out images (3 shape categories)
 
 
 def run_deepspeed(script: str, args: list[str], num_ranks: int) -> None:
@@ -62,28 +64,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removing the previous demo run in {out}", flush=True)
         shutil.rmtree(out)
 
-    print("== 1/5 synthetic data", flush=True)
+    print("== 1/6 synthetic data", flush=True)
     patterns = {name: write_synthetic_shards(data / name, count, seed)
                 for name, (count, seed) in SPLITS.items()}
 
-    print("== 2/5 CLIP pretraining (DeepSpeed)", flush=True)
+    print("== 2/6 CLIP pretraining (DeepSpeed)", flush=True)
     pretrain_dir = out / "pretrain"
     run_deepspeed("pretrain.py", ["--config", "demo", "--run-dir", str(pretrain_dir),
                                   "--set", f"data.train={patterns['train']}"], args.ranks)
 
-    print("== 3/5 zero-shot evaluation", flush=True)
+    print("== 3/6 zero-shot evaluation", flush=True)
     from pretrain.evaluate import zero_shot_accuracy
 
     prompts = {field: zero_shot_prompts(field) for field in ("color", "shape")}
     zero_shot = zero_shot_accuracy(pretrain_dir / "export" / "clip.pt", patterns["heldout"],
                                    prompts)
 
-    print("== 4/5 fine-tuning a shape classifier (DeepSpeed)", flush=True)
+    print("== 4/6 fine-tuning a shape classifier (DeepSpeed)", flush=True)
     finetune_dir = out / "finetune"
     finetune = _finetune("demo_shapes", finetune_dir, pretrain_dir, args.ranks,
                          f"data.train={patterns['labelled']}", f"data.val={patterns['heldout']}")
 
-    print("== 5/5 segmentation: UPerNet on synthetic ADE-layout data (DeepSpeed)", flush=True)
+    print("== 5/6 segmentation: UPerNet on synthetic ADE-layout data (DeepSpeed)", flush=True)
     from finetune.segmentation.synthetic import write_synthetic_ade
 
     segmentation_dir = out / "segmentation"
@@ -91,9 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     segmentation = _finetune("ade20k/demo", segmentation_dir, pretrain_dir, args.ranks,
                              f"data.root={segmentation_data}")
 
+    print("== 6/6 detection: Mask R-CNN on a generated COCO (DeepSpeed)", flush=True)
+    from data_tools.coco_synthetic import write_synthetic_coco
+
+    detection_data = write_synthetic_coco(data / "coco", *DETECTION_SPLITS, seed=0)
+    detection = _finetune("coco/demo", out / "detection", pretrain_dir, args.ranks,
+                          f"data.root={detection_data}")
+
     plot_training(pretrain_dir / "metrics.jsonl", out / "training.png",
                   title="demo CLIP pretraining (2 ranks, DeepSpeed)")
-    summary = _summary(pretrain_dir, zero_shot, finetune, segmentation,
+    summary = _summary(pretrain_dir, zero_shot, finetune, segmentation, detection,
                        time.perf_counter() - began)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table([(k, f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(pretrain_dir: Path, zero_shot: dict, finetune: dict, segmentation: dict,
-             wall_s: float) -> dict:
+             detection: dict, wall_s: float) -> dict:
     from pretrain.metrics import read_training_metrics
 
     records = read_training_metrics(pretrain_dir / "metrics.jsonl")
@@ -116,6 +125,8 @@ def _summary(pretrain_dir: Path, zero_shot: dict, finetune: dict, segmentation: 
         "chance_shape": 1 / 3,
         "segmentation_miou_heldout": segmentation["mIoU"],
         "segmentation_aacc_heldout": segmentation["aAcc"],
+        "detection_box_ap_heldout": detection["bbox/AP"],
+        "detection_mask_ap_heldout": detection["segm/AP"],
         "pretrain_steps": records[-1]["step"],
         "pretrain_samples_seen": records[-1]["samples_seen"],
         "pretrain_final_loss": records[-1]["loss"],
