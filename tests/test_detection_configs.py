@@ -87,3 +87,20 @@ def test_a_bad_detection_field_is_one_line_naming_it() -> None:
     with pytest.raises(ConfigError, match="RetinaNet predicts no masks"):
         load_config(FinetuneConfig, COCO / "retinanet_davit_tiny_1x.yaml",
                     ["eval.best_metric=segm/AP"])
+
+
+def test_check_names_a_missing_folder_or_a_broken_json(tmp_path) -> None:
+    from data_tools.coco_synthetic import write_synthetic_coco
+    from finetune.tasks import check_inputs
+
+    config = COCO / "mask_rcnn_davit_tiny_1x.yaml"
+    root = write_synthetic_coco(tmp_path / "coco", train_images=4, val_images=2)
+    check_inputs(load_config(FinetuneConfig, config, ["encoder.weights=null",
+                                                      f"data.root={root}"]))
+    with pytest.raises(FileNotFoundError, match="data.val_images: no such folder"):
+        check_inputs(load_config(FinetuneConfig, config, [
+            "encoder.weights=null", f"data.root={root}", "data.val_images=missing"]))
+    (root / "annotations" / "instances_val2017.json").write_text("{not json")
+    with pytest.raises(ValueError, match="instances_val2017.json"):
+        check_inputs(load_config(FinetuneConfig, config, ["encoder.weights=null",
+                                                          f"data.root={root}"]))
