@@ -136,3 +136,38 @@ def test_cascade_regresses_per_class_and_averages_stage_scores() -> None:
     # the stage losses are weighted: an untrained cascade's classifiers are alike, so the
     # weighted losses fall with the stage's weight
     assert output["loss_cls_s0"] > output["loss_cls_s1"] > output["loss_cls_s2"]
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.8])
+def test_parameter_groups_spare_norms_and_cover_every_parameter_once(
+        layer_decay: float | None, tmp_path: Path) -> None:
+    from data_tools.coco_synthetic import write_synthetic_coco
+    from finetune.detection.task import DetectionTask
+
+    root = write_synthetic_coco(tmp_path / "coco", train_images=4, val_images=2)
+    spec = SPECS["davit"]
+    cfg = _cfg("mask_rcnn", spec)
+    cfg = cfg.model_copy(update={
+        "encoder": cfg.encoder.model_copy(update={"layer_decay": layer_decay}),
+        "data": cfg.data.model_copy(update={"root": str(root)})})
+    task = DetectionTask(cfg)
+    module = task.build_module()
+    groups = task.param_groups(module)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in module.parameters())  # each exactly once
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    for name, parameter in named.items():
+        if parameter.ndim <= 1:  # norms and biases
+            assert decay_of[id(parameter)] == 0.0, name
+    assert decay_of[id(named["detector.backbone.fpn.layer_blocks.0.0.weight"])] == 0.05
+    head = lr_of[id(named["detector.roi_heads.box_predictor.cls_score.weight"])]
+    stem = lr_of[id(named["detector.backbone.body.body.stem.conv.weight"])]
+    assert head == cfg.optimizer.lr
+    last = lr_of[id(named["detector.backbone.body.body.stages.3.blocks.0.0.attn.qkv.weight"])]
+    if layer_decay is None:
+        assert stem == last == head
+    else:  # timm's layer groups: the stem decays most, the last stage least
+        assert stem < last <= head
+        assert stem == pytest.approx(head * layer_decay ** 4)
