@@ -15,6 +15,13 @@ from pretrain.launcher import deepspeed_command
 from pretrain.metrics import read_metrics
 from tests.conftest import ROOT, run_deepspeed
 
+# A fine-tuning job's encoder trained from scratch (no pretraining run needed), as --set args.
+TINY_ENCODER = [
+    "--set", "encoder.weights=null", "--set", "encoder.name=davit_tiny",
+    "--set", "encoder.overrides={depths: [1, 1, 1, 1], embed_dims: [16, 32, 48, 64], "
+             "num_heads: [1, 1, 1, 2]}",
+]
+
 
 def start(script: str, args: list[str], ranks: int = 2) -> subprocess.Popen:
     """Launch a job in its own process group (so a test can kill all of it)."""

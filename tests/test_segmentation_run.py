@@ -15,14 +15,10 @@ from finetune.config import FinetuneConfig
 from finetune.segmentation.synthetic import write_synthetic_ade
 from pretrain.config import load_config
 from tests.conftest import run_deepspeed
+from tests.jobs import TINY_ENCODER as ENCODER
 from tests.jobs import interrupt_and_resume, losses, records
 
 VAL_IMAGES = 13  # 7 for rank 0, 6 for rank 1
-ENCODER = [  # trained from scratch: no pretraining run needed
-    "--set", "encoder.weights=null", "--set", "encoder.name=davit_tiny",
-    "--set", "encoder.overrides={depths: [1, 1, 1, 1], embed_dims: [16, 32, 48, 64], "
-             "num_heads: [1, 1, 1, 2]}",
-]
 
 
 @pytest.fixture(scope="module")
