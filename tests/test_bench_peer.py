@@ -62,8 +62,15 @@ def test_jpeg_draft_keeps_small_images_exact_and_covers_the_crop() -> None:
     assert jpeg_draft_size(224, (0.08, 1.0))[0] > 768
 
 
-def test_open_clip_reads_our_shards_through_the_patches(tmp_path: Path) -> None:
+def test_open_clip_reads_our_shards_through_the_patches(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import tqdm.std
+
     from data_tools.synthetic import write_synthetic_shards
+
+    # no tqdm monitor thread: it would outlive the test, and later tests fork only when this
+    # process has one thread (tests/test_data_build.py)
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)
 
     pattern = write_synthetic_shards(tmp_path / "shards", 16, seed=0, image_size=32,
                                      samples_per_shard=8, progress=False)
