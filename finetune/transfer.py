@@ -52,3 +52,18 @@ def build_encoder(spec: ModelSpec, weights: str | None, drop_path: float = 0.0,
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def config_for_checkpoint(cfg: Any, checkpoint: str | Path) -> Any:
+    """``cfg`` (a fine-tuning config) for evaluating ``checkpoint`` only: the encoder built as
+    the checkpoint's spec says (or as ``encoder.name`` when it carries none), its weights not
+    read. Raises ``ValueError`` when neither says which encoder it is."""
+    spec = read_spec(checkpoint)
+    encoder = cfg.encoder.model_copy(update={"weights": None})
+    if spec is not None:
+        encoder = encoder.model_copy(update={"name": spec.timm_name,
+                                             "overrides": dict(spec.overrides)})
+    elif encoder.name is None:
+        raise ValueError(f"{checkpoint} does not say which encoder it holds: set "
+                         "encoder.name (and encoder.overrides)")
+    return cfg.model_copy(update={"encoder": encoder})

@@ -24,10 +24,10 @@ from finetune.detection.data import CocoTrainStream, CocoValSplit, DetectionAugm
 from finetune.detection.evaluate import DetectionEvaluator
 from finetune.detection.models import DetectionModule, build_detector
 from finetune.segmentation.models import average_batchnorm_statistics
-from finetune.transfer import resolve_spec
+from finetune.transfer import config_for_checkpoint, resolve_spec
 from pretrain.data import StreamState, TrainLoader
 from pretrain.eval_data import sliced_loader
-from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
+from pretrain.models.spec import SPEC_KEY, ModelSpec
 from pretrain.models.weights import read_state_dict
 from pretrain.task import Evaluator, Task
 
@@ -158,16 +158,10 @@ class DetectionTask(Task):
         this config's detector keys) on the validation json; every rank of the launch runs its
         slice, rank 0 writes ``run_dir/eval.json`` and ``run_dir/detections.json``."""
         from pretrain import distributed
+        from pretrain.engine import move_to_device
+        from pretrain.task import run_evaluation
 
-        spec = read_spec(checkpoint)
-        encoder = cfg.encoder.model_copy(update={"weights": None})
-        if spec is not None:
-            encoder = encoder.model_copy(update={"name": spec.timm_name,
-                                                 "overrides": dict(spec.overrides)})
-        elif encoder.name is None:
-            raise ValueError(f"{checkpoint} does not say which encoder it holds: set "
-                             "encoder.name (and encoder.overrides)")
-        task = cls(cfg.model_copy(update={"encoder": encoder}))
+        task = cls(config_for_checkpoint(cfg, checkpoint))
         task.run_dir = run_dir
         distributed.init_distributed(cfg.deepspeed.backend)
         module = build_detection_module(task.cfg, task.spec, None, task.num_classes)
@@ -176,11 +170,8 @@ class DetectionTask(Task):
             raise ValueError(f"{checkpoint}: not this config's detector ({len(missing)} "
                              f"missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
                              f"e.g. {unexpected[:2]})")
-        module.to(distributed.collective_device())
-        from pretrain.engine import move_to_device
-        from pretrain.task import run_evaluation
-
         device = distributed.collective_device()
+        module.to(device)
         results = run_evaluation(task.evaluator(distributed.rank(), distributed.world_size()),
                                  module, lambda batch: move_to_device(batch, device, None))
         if distributed.rank() == 0:

@@ -27,11 +27,11 @@ from finetune.segmentation.data import (
 )
 from finetune.segmentation.evaluate import SegmentationEvaluator, class_names
 from finetune.segmentation.models import Segmenter, average_batchnorm_statistics, build_segmenter
-from finetune.transfer import resolve_spec
+from finetune.transfer import config_for_checkpoint, resolve_spec
 from pretrain.data import StreamState, TrainLoader
 from pretrain.eval_data import sliced_loader
 from pretrain.flops import image_model_train_flops
-from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
+from pretrain.models.spec import SPEC_KEY, ModelSpec
 from pretrain.models.weights import read_state_dict
 from pretrain.task import Batch, Evaluator, LossOutput, Task
 
@@ -169,15 +169,7 @@ class SegmentationTask(Task):
         """``--eval-only``: score ``checkpoint`` (an exported ``segmenter.pt``, whose spec names
         the encoder, or any file whose state dict has this config's segmenter keys) on the
         validation split, on every rank of the launch; rank 0 writes ``run_dir/eval.json``."""
-        spec = read_spec(checkpoint)
-        encoder = cfg.encoder.model_copy(update={"weights": None})
-        if spec is not None:
-            encoder = encoder.model_copy(update={"name": spec.timm_name,
-                                                 "overrides": dict(spec.overrides)})
-        elif encoder.name is None:
-            raise ValueError(f"{checkpoint} does not say which encoder it holds: set "
-                             "encoder.name (and encoder.overrides)")
-        return cls(cfg.model_copy(update={"encoder": encoder}))._evaluate(checkpoint, run_dir)
+        return cls(config_for_checkpoint(cfg, checkpoint))._evaluate(checkpoint, run_dir)
 
     def _evaluate(self, checkpoint: Path, run_dir: Path) -> dict[str, Any]:
         from pretrain import distributed
