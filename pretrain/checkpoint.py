@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.files import atomic_torch_save, atomic_write_text
 from pretrain.distributed import barrier
@@ -52,6 +53,43 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                          cached_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def optimizer_param_names(engine: Any) -> list[list[str]]:
+    """The module's parameter names in the order of the optimizer's groups: what maps the
+    fp32 master copies of a ZeRO-stage-0 checkpoint (kept by position, not name) to names."""
+    names = {id(param): name for name, param in engine.module.named_parameters()}
+    optimizer = engine.optimizer
+    groups = (optimizer.fp16_groups if hasattr(optimizer, "fp16_groups")  # bf16/fp16 master copies
+              else [group["params"] for group in optimizer.param_groups])
+    return [[names[id(param)] for param in group] for group in groups]
+
+
+def fp32_state_dict(checkpoint_dir: Path | str, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 weights (and buffers) of checkpoint ``tag`` (default: the complete ``latest``).
+
+    ZeRO stages 1-3 keep them in their optimizer shards (DeepSpeed consolidates those). Stage 0
+    keeps the module whole: in fp32 training it *is* fp32; in bf16 training the fp32 master
+    copies are the optimizer's ``fp32_groups``, in the order :func:`optimizer_param_names`
+    recorded with the checkpoint.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    folder = checkpoint_dir / tag
+    if any(folder.glob("*_optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=True)
+    weights = dict(states["module"])
+    master = states["optimizer"].get("fp32_groups") if states.get("optimizer") else None
+    if master is not None:
+        for names, tensors in zip(states["param_names"], master, strict=True):
+            weights.update(zip(names, tensors, strict=True))
+    low = sorted(name for name, value in weights.items()
+                 if value.is_floating_point() and value.dtype != torch.float32)
+    if low:
+        raise ValueError(f"{folder}: no fp32 copy of {len(low)} tensors (e.g. {low[0]!r})")
+    return weights
 
 
 class Checkpointer:

@@ -66,6 +66,9 @@ def check_warmup(warmup_steps: int, steps: int) -> None:
 
 
 # --------------------------------------------------------------------------- shared sections
+AttentionKernel = Literal["auto", "torch", "math"]  # see pretrain/attention.py
+
+
 class TrainConfig(Section):
     seed: int = 0
     # Accumulation multiplies the samples per optimizer step. For contrastive pretraining it
@@ -74,6 +77,10 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     # Non-finite micro-batches are dropped and replaced; this many in a row abort the run.
     max_nonfinite_batches: int = Field(5, ge=1)
+    # Attention kernel of training steps (pretrain/attention.py): "auto" = the math kernel on
+    # CPUs at bf16 (PyTorch's flash backward is slow there), PyTorch's choice otherwise;
+    # "torch" = always PyTorch's choice; "math" = always the math kernel.
+    attention_kernel: AttentionKernel = "auto"
 
 
 class OptimizerConfig(Section):
@@ -151,7 +158,9 @@ class EvalConfig(Section):
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: Literal[1, 2, 3] = 1
+    # 0: plain data parallelism (gradients all-reduced, optimizer states replicated; at bf16
+    # DeepSpeed still shards the fp32 master weights); 1-3: ZeRO stages.
+    zero_stage: Literal[0, 1, 2, 3] = 1
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     offload_optimizer: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"

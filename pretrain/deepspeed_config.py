@@ -45,6 +45,8 @@ def deepspeed_config(ds: DeepSpeedConfig, optimizer: OptimizerConfig, grad_accum
 
 
 def _zero_section(ds: DeepSpeedConfig) -> dict[str, Any]:
+    if ds.zero_stage == 0:  # DeepSpeed all-reduces the gradients in buckets of 5e8 elements
+        return {"stage": 0}
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.zero_stage >= 2,

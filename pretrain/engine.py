@@ -8,6 +8,7 @@ also logs and exports.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -16,16 +17,25 @@ from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from data_tools.files import atomic_write_text
 from pretrain import distributed
-from pretrain.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, tag_for
+from pretrain.attention import training_attention
+from pretrain.checkpoint import (
+    Checkpointer,
+    capture_rng_state,
+    fp32_state_dict,
+    optimizer_param_names,
+    restore_rng_state,
+    tag_for,
+)
 from pretrain.config import JobConfig, save_config
 from pretrain.data import StreamState
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.errors import TrainingAborted
+from pretrain.host_memory import keep_freed_host_memory
 from pretrain.metrics import MetricsLogger, peak_memory_gb
 from pretrain.schedule import resolve_schedule
 from pretrain.task import Batch, Evaluator, LossOutput, Task, run_evaluation
@@ -70,6 +80,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             atomic_write_text(self.run_dir / "deepspeed.json", json.dumps(self.ds_config, indent=2))
 
+        if cfg.deepspeed.zero_stage == 0 and get_accelerator().device_name() == "cpu":
+            keep_freed_host_memory()  # measured to pay at stage 0 only (pretrain/host_memory.py)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config,
                                  enabled=cfg.deepspeed.zero_stage == 3):
@@ -81,6 +93,10 @@ class Trainer:
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             precision.precision, torch.float32)
+        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.deepspeed.precision, torch.float32)  # a self-autocasting task's too
+        self.attention = functools.partial(training_attention, cfg.train.attention_kernel,
+                                           self.device, compute_dtype)
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                          self.rank)
@@ -124,6 +140,8 @@ class Trainer:
     def save(self) -> None:
         client_state = {"step": self.step, "samples_seen": self.samples_seen,
                         "nonfinite_batches": self.nonfinite_batches, "best": self.best}
+        if self.cfg.deepspeed.zero_stage == 0:
+            client_state["param_names"] = optimizer_param_names(self.engine)
         rank_state = {"rng": capture_rng_state(), "data": self.loader.state_dict(),
                       "task": self.task.state_dict()}
         self.checkpointer.save(self.engine, self.step, client_state, rank_state)
@@ -206,7 +224,8 @@ class Trainer:
             nonfinite, stop_now = distributed.all_reduce(flags, op="max").tolist()
             stop = stop or stop_now > 0
             if nonfinite == 0:
-                self.engine.backward(loss)
+                with self.attention():
+                    self.engine.backward(loss)
                 self.engine.step()
                 outputs.append({k: v.detach().float() for k, v in output.items()})
                 self.nonfinite_in_a_row = 0
@@ -226,7 +245,8 @@ class Trainer:
     def forward(self, batch: Batch) -> LossOutput:
         """The task module's output for one micro-batch, through the engine."""
         batch = self.task.prepare_batch(self.to_device(batch))
-        output = self.engine(batch)
+        with self.attention():
+            output = self.engine(batch)
         if isinstance(output, torch.Tensor):
             return {"loss": output}
         return output
@@ -284,7 +304,7 @@ class Trainer:
     def export(self) -> None:
         """Rank 0: consolidate the last checkpoint's fp32 weights (from the ZeRO optimizer
         shards, not the engine's bf16 copies) and let the task write its deliverable."""
-        state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpointer.directory))
+        state = fp32_state_dict(self.checkpointer.directory)
         out = self.run_dir / "export"
         out.mkdir(parents=True, exist_ok=True)
         self.task.export(state, out)

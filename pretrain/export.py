@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 import yaml
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.files import atomic_torch_save, atomic_write, atomic_write_text
+from pretrain.checkpoint import fp32_state_dict
 from pretrain.config import ModelConfig
 from pretrain.data import OPENAI_MEAN, OPENAI_STD
 from pretrain.models.clip import build_clip, register_variant
@@ -135,7 +135,7 @@ def export_from_checkpoint(run_dir: Path | str, tag: str | None = None) -> Path:
     """Consolidate the checkpoint ``tag`` (default: latest) and write the export files."""
     run_dir = Path(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    state = fp32_state_dict(run_dir / "checkpoints", tag=tag)
     return write_clip_exports(state, config["model"], run_dir / "export")
 
 
