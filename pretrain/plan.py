@@ -8,8 +8,8 @@ What it counts, per GPU (or per rank on a CPU), for one micro-batch:
 
 * **model states** (ZeRO paper): mixed-precision Adam holds 2 B of bf16/fp16 parameters, 2 B of
   gradients and 12 B of optimizer state (fp32 master copy, first and second moment) per
-  parameter. ZeRO-1 shards the 12 B over the data-parallel ranks, ZeRO-2 also the gradients,
-  ZeRO-3 everything. fp32 training holds 4 + 4 + 12: DeepSpeed's ZeRO optimizer clones an fp32
+  parameter. Stage 0 (plain data parallelism) shards nothing, ZeRO-1 shards the 12 B over the
+  data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 everything. fp32 training holds 4 + 4 + 12: DeepSpeed's ZeRO optimizer clones an fp32
   master partition even when the model is already fp32 (``stage_1_and_2.py``). With optimizer
   offload the optimizer part lives in host memory instead (reported in its own column).
 * **ZeRO buffers**, read from the DeepSpeed JSON this project derives: ZeRO-2 keeps two
@@ -300,13 +300,17 @@ def model_state_bytes(params: int, stage: int, world_size: int, precision: str,
     per = STATE_BYTES[precision]
     weights = per.param * params / (world_size if stage >= 3 else 1)
     grads = per.grad * params / (world_size if stage >= 2 else 1)
-    optimizer = per.optimizer * params / world_size
+    # stage 0 replicates the optimizer part (fp32 training has no separate master copy there,
+    # so this over-counts it by 4 B/param)
+    optimizer = per.optimizer * params / (world_size if stage >= 1 else 1)
     return (weights, grads, 0.0, optimizer) if offload else (weights, grads, optimizer, 0.0)
 
 
 def zero_buffer_bytes(facts: ModelFacts, stage: int, zero: dict[str, Any],
                       precision: str) -> float:
     """Communication buffers and ZeRO-3's gathered parameters, from the DeepSpeed JSON."""
+    if stage <= 1:  # they reduce full gradients after backward, when activations are gone
+        return 0.0
     per = STATE_BYTES[precision]
     bucket = min(float(zero["reduce_bucket_size"]), facts.params)
     if stage == 2 and zero.get("contiguous_gradients"):
@@ -315,7 +319,7 @@ def zero_buffer_bytes(facts: ModelFacts, stage: int, zero: dict[str, Any],
         working_set = min(float(facts.params),
                           zero["stage3_prefetch_bucket_size"] + facts.largest_tensor)
         return (working_set + facts.small_params) * per.param + bucket * per.grad
-    return 0.0  # ZeRO-1 reduces full gradients after backward, when activations are gone
+    return 0.0
 
 
 def estimate(cfg: PretrainConfig, facts: ModelFacts, world_size: int, stage: int, offload: bool,
@@ -375,7 +379,7 @@ class Plan:
         return self.nodes * self.gpus_per_node
 
 
-ZERO_OPTIONS = [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]
+ZERO_OPTIONS = [(0, False), (1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]
 
 
 def make_plan(config_name: str, cfg: PretrainConfig, nodes: int, gpus_per_node: int,
