@@ -9,9 +9,10 @@ What it counts, per GPU (or per rank on a CPU), for one micro-batch:
 * **model states** (ZeRO paper): mixed-precision Adam holds 2 B of bf16/fp16 parameters, 2 B of
   gradients and 12 B of optimizer state (fp32 master copy, first and second moment) per
   parameter. Stage 0 (plain data parallelism) shards nothing, ZeRO-1 shards the 12 B over the
-  data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 everything. fp32 training holds 4 + 4 + 12: DeepSpeed's ZeRO optimizer clones an fp32
-  master partition even when the model is already fp32 (``stage_1_and_2.py``). With optimizer
-  offload the optimizer part lives in host memory instead (reported in its own column).
+  data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 everything. fp32 training holds
+  4 + 4 + 12: DeepSpeed's ZeRO optimizer clones an fp32 master partition even when the model
+  is already fp32 (``stage_1_and_2.py``). With optimizer offload the optimizer part lives in
+  host memory instead (reported in its own column).
 * **ZeRO buffers**, read from the DeepSpeed JSON this project derives: ZeRO-2 keeps two
   contiguous gradient buckets (``overlap_comm`` double-buffers them); ZeRO-3 one bucket plus
   the gathered working set of parameters (prefetch bucket + the largest tensor) and the small
