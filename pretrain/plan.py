@@ -27,7 +27,9 @@ What it counts, per GPU (or per rank on a CPU), for one micro-batch:
   claims to live on the CPU, so kernels are chosen as in a real run. On the bare meta device
   ``scaled_dot_product_attention`` falls back to its math path and saves the attention matrix;
   the fused kernels real runs use (flash attention on GPUs, its CPU port) save only q, k, v,
-  the output and the log-sum-exp.
+  the output and the log-sum-exp. Where training itself runs the math kernel (bf16/fp16 on
+  CPUs under ``train.attention_kernel: auto``, or ``math`` anywhere; ``pretrain/attention.py``)
+  the forward is measured under that kernel, attention matrices included.
 * **contrastive logits**: with ``local_loss`` each rank scores its micro-batch against the
   whole gathered batch, micro x (micro x world) logits per direction; the saved tensors of that
   computation are measured on the meta device too, plus the gradient of one logit matrix.
@@ -52,12 +54,15 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
 
-from pretrain.config import ModelConfig, PretrainConfig
+from pretrain.attention import training_attention
+from pretrain.config import AttentionKernel, ModelConfig, PretrainConfig
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.job_cli import load_or_report
 
 GB = 2**30
 Device = Literal["gpu", "cpu"]
+# training_attention's arguments: the configured kernel, the device and the compute dtype
+Attention = tuple[AttentionKernel, torch.device, torch.dtype]
 
 # Fixed runtime overhead per process, in GB (see the module docstring).
 # gpu: CUDA context with lazy module loading ~0.5-1 GB, cuBLAS/cuDNN workspaces and NCCL
@@ -140,7 +145,7 @@ def _set_checkpointing(clip: nn.Module, enabled: bool) -> None:
 
 
 def _forward_saved_bytes(clip: nn.Module, cfg: ModelConfig, micro_batch: int,
-                         dtype: torch.dtype) -> tuple[int, int]:
+                         dtype: torch.dtype, attention: Attention) -> tuple[int, int]:
     """(bytes saved for backward by one forward of both towers, largest checkpoint unit).
 
     Runs under the caller's ``FakeTensorMode``: inputs are created fake too."""
@@ -158,7 +163,7 @@ def _forward_saved_bytes(clip: nn.Module, cfg: ModelConfig, micro_batch: int,
     image = torch.empty(micro_batch, 3, size, size, dtype=dtype)
     text = torch.zeros(micro_batch, cfg.text.context_length, dtype=torch.long)
     try:
-        with meter.active():
+        with meter.active(), training_attention(*attention):
             clip.encode_image(image, normalize=True)
             clip.encode_text(text, normalize=True)
     finally:
@@ -195,28 +200,34 @@ class ModelFacts:
         return self.image_params + self.text_params
 
 
-def measure_model(cfg: ModelConfig, precision: str, persistence_threshold: float) -> ModelFacts:
+def measure_model(cfg: ModelConfig, precision: str, persistence_threshold: float,
+                  attention_kernel: AttentionKernel = "auto",
+                  device: Device = "gpu") -> ModelFacts:
     """Build the CLIP model of ``cfg`` on the meta device, move it to fake CPU tensors and
     measure parameters and activations in the training dtype (DeepSpeed casts the whole module
-    to bf16/fp16)."""
+    to bf16/fp16), under the attention kernel training on ``device`` picks."""
     from pretrain.models.clip import build_clip
 
     with torch.device("meta"):
         clip = build_clip(cfg).to(DTYPES[precision])
     with FakeTensorMode(allow_non_fake_inputs=True):
         clip = clip.to_empty(device="cpu")
-        return _measure_fake_model(clip, cfg, DTYPES[precision], persistence_threshold)
+        attention = (attention_kernel, torch.device("cuda" if device == "gpu" else "cpu"),
+                     DTYPES[precision])
+        return _measure_fake_model(clip, cfg, DTYPES[precision], persistence_threshold,
+                                   attention)
 
 
 def _measure_fake_model(clip: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
-                        persistence_threshold: float) -> ModelFacts:
+                        persistence_threshold: float, attention: Attention) -> ModelFacts:
     clip.train()
     sizes = [p.numel() for p in clip.parameters()]
     image_params = sum(p.numel() for p in clip.visual.parameters())
     measured = {}
     for checkpointing in (False, True):
         _set_checkpointing(clip, checkpointing)
-        measured[checkpointing] = [_forward_saved_bytes(clip, cfg, b, dtype) for b in (1, 2)]
+        measured[checkpointing] = [_forward_saved_bytes(clip, cfg, b, dtype, attention)
+                                   for b in (1, 2)]
     profiles = {}
     for checkpointing, ((one, _), (two, _)) in measured.items():
         # Block sizes come from the pass without checkpointing, which sees inside the blocks.
@@ -391,7 +402,8 @@ def make_plan(config_name: str, cfg: PretrainConfig, nodes: int, gpus_per_node: 
     threshold = deepspeed_config(cfg.deepspeed.model_copy(update={"zero_stage": 3}), cfg.optimizer,
                                  cfg.train.grad_accum,
                                  1, 1)["zero_optimization"]["stage3_param_persistence_threshold"]
-    facts = measure_model(cfg.model, cfg.deepspeed.precision, threshold)
+    facts = measure_model(cfg.model, cfg.deepspeed.precision, threshold,
+                          cfg.train.attention_kernel, device)
     plan = Plan(config_name, cfg, facts, nodes, gpus_per_node, memory_gb, device)
     batch = micro_batch or cfg.data.batch_size
     world = plan.world_size

@@ -31,26 +31,50 @@ def demo_plan(demo_cfg: PretrainConfig) -> Plan:
     return make_plan("demo", demo_cfg, nodes=1, gpus_per_node=2, memory_gb=4.0, device="cpu")
 
 
-def test_estimate_is_within_25_percent_of_a_real_run(demo_plan: Plan, demo_cfg: PretrainConfig,
-                                                     shape_shards: dict[str, str],
-                                                     tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def _compare_with_a_real_run(plan: Plan, cfg: PretrainConfig, overrides: list[str],
+                             shards: str, run_dir: Path) -> None:
     run_deepspeed("pretrain.py", [
         "--config", "demo", "--run-dir", str(run_dir),
-        "--set", f"data.train={shape_shards['train']}",
+        "--set", f"data.train={shards}",
         "--set", f"schedule.steps={STEPS}", "--set", "schedule.warmup_steps=1",
         "--set", "log.every=1", "--set", "log.progress=false", "--set", "checkpoint.every=1000",
-        *(arg for override in OVERRIDES for arg in ("--set", override)),
+        *(arg for override in overrides for arg in ("--set", override)),
     ])
     measured = max(r["peak_memory_gb"] for r in read_metrics(run_dir / "metrics.jsonl"))
-    row = next(r for r in demo_plan.rows
-               if r.stage == demo_cfg.deepspeed.zero_stage and not r.offload)
+    row = next(r for r in plan.rows if r.stage == cfg.deepspeed.zero_stage and not r.offload)
     predicted = row.total / GB
-    print(f"demo peak memory per rank: predicted {predicted:.3f} GB, measured {measured:.3f} GB")
-    assert row.micro_batch == demo_cfg.data.batch_size
+    print(f"demo {cfg.deepspeed.precision} peak memory per rank: predicted {predicted:.3f} GB, "
+          f"measured {measured:.3f} GB")
+    assert row.micro_batch == cfg.data.batch_size
     assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)
     # The model-dependent part is material: without it the estimate would miss by more.
     assert row.activations > 0.1 * measured * GB
+
+
+def test_estimate_is_within_25_percent_of_a_real_run(demo_plan: Plan, demo_cfg: PretrainConfig,
+                                                     shape_shards: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    _compare_with_a_real_run(demo_plan, demo_cfg, OVERRIDES, shape_shards["train"], tmp_path)
+
+
+@pytest.mark.slow
+def test_bf16_estimate_is_within_25_percent_of_a_real_run(shape_shards: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """bf16 on CPUs trains with the math attention kernel, which keeps attention matrices."""
+    overrides = [*OVERRIDES, "deepspeed.precision=bf16"]
+    cfg = load_config(PretrainConfig, "demo", overrides, kind="pretrain")
+    plan = make_plan("demo", cfg, nodes=1, gpus_per_node=2, memory_gb=4.0, device="cpu")
+    _compare_with_a_real_run(plan, cfg, overrides, shape_shards["train"], tmp_path)
+
+
+def test_activations_follow_the_attention_kernel_training_uses() -> None:
+    """The math kernel (bf16 on CPUs) saves attention matrices; the fused ones do not."""
+    cfg = load_config(PretrainConfig, "demo", [*OVERRIDES, "deepspeed.precision=bf16"],
+                      kind="pretrain")
+    per_sample = {device: make_plan("demo", cfg, nodes=1, gpus_per_node=2, memory_gb=4.0,
+                                    device=device).facts.activations[False].per_sample
+                  for device in ("cpu", "gpu")}
+    assert per_sample["cpu"] > 1.2 * per_sample["gpu"]
 
 
 def test_checkpointing_cuts_stored_activations(demo_plan: Plan) -> None:
