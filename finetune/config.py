@@ -94,7 +94,7 @@ class ClassificationConfig(JobConfig):
     def _supported(self) -> ClassificationConfig:
         if self.ema.enabled and self.deepspeed.zero_stage == 3:
             raise ValueError("ema.enabled: the EMA keeps a full copy of the weights on every "
-                             "rank, which ZeRO-3 partitions; use deepspeed.zero_stage 1 or 2")
+                             "rank, which ZeRO-3 partitions; use deepspeed.zero_stage 0, 1 or 2")
         metric = self.eval.best_metric or ""
         if metric.startswith("ema_") and not self.ema.enabled:
             raise ValueError(f"eval.best_metric {metric!r} needs ema.enabled: true")

@@ -67,7 +67,7 @@ def test_recipe_validates_states_its_target_and_builds(path: Path) -> None:
 
 
 def test_ema_under_zero3_is_refused_in_one_line() -> None:
-    with pytest.raises(ConfigError, match=r"ema\.enabled: .*zero_stage 1 or 2"):
+    with pytest.raises(ConfigError, match=r"ema\.enabled: .*zero_stage 0, 1 or 2"):
         load_config(FinetuneConfig, "imagenet/clip_davit_base", ["deepspeed.zero_stage=3"],
                     kind="finetune")
 

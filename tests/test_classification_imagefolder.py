@@ -97,7 +97,7 @@ def test_exports_load_in_timm(reference: Path) -> None:
 
 @pytest.mark.slow  # two or three more launches (~80 s idle per stage, more on a busy machine);
 # the folder stream's exact resume is also checked in-process by tests/test_imagefolder.py
-@pytest.mark.parametrize("zero_stage", [1, 2])  # the stages the EMA supports
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])  # the stages the EMA supports
 def test_kill_and_resume_is_exact(reference: Path, imagenet_like: dict[str, Path],
                                   tmp_path: Path, zero_stage: int) -> None:
     if zero_stage != 2:  # the shared reference run is ZeRO-2

@@ -1,7 +1,7 @@
 """An EMA of the classifier's weights (timm's ``ModelEmaV3``) that resumes with the checkpoint.
 
 Where it lives: every rank keeps a full fp32 copy beside its module and updates it after every
-optimizer step from the module's (identical, under ZeRO 1 and 2) weights, so every rank can
+optimizer step from the module's (identical, under ZeRO 0, 1 and 2) weights, so every rank can
 evaluate it on its own validation slice with no collective. In fp32 because a bf16 EMA cannot
 hold an update of ``(1 - decay) x (model - ema)`` at decay 0.9998 (timm would round it
 stochastically; fp32 needs no RNG, so resume stays exact). ZeRO-3 is refused by the config: its
