@@ -31,7 +31,9 @@ def _shared_memory_segments() -> set[str]:
 
 
 @pytest.mark.parametrize(("stage", "loss"), [
-    (1, "siglip"), (3, "clip"), pytest.param(0, "clip", marks=pytest.mark.slow)])
+    (1, "siglip"),  # ZeRO-3 trains in the fast suite too (test_finetune_resilience.py)
+    pytest.param(3, "clip", marks=pytest.mark.slow),
+    pytest.param(0, "clip", marks=pytest.mark.slow)])
 def test_zero_stage_trains_and_saves(stage: int, loss: str, shape_shards: dict,
                                      tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -100,7 +102,8 @@ def test_kill_and_resume_reproduces_losses(shape_shards: dict, tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("stage", "offload", "how"), [
-    pytest.param(3, False, "kill", id="zero3-kill"),
+    # the fast suite's exact-resume check is test_kill_and_resume_reproduces_losses
+    pytest.param(3, False, "kill", id="zero3-kill", marks=pytest.mark.slow),
     pytest.param(0, False, "kill", id="zero0-kill", marks=pytest.mark.slow),
     pytest.param(1, False, "kill", id="zero1-kill", marks=pytest.mark.slow),
     pytest.param(2, True, "sigterm", id="zero2-offload-sigterm", marks=pytest.mark.slow),
@@ -130,7 +133,7 @@ def test_resume_is_exact_at_every_zero_stage(stage: int, offload: bool, how: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_with_activation_checkpointing_resumes_exactly(stage: int, shape_shards: dict,
                                                            tmp_path: Path) -> None:
     """bf16 on a CPU trains with the math attention kernel (pretrain/attention.py), and
