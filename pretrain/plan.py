@@ -61,8 +61,6 @@ from pretrain.job_cli import load_or_report
 
 GB = 2**30
 Device = Literal["gpu", "cpu"]
-# training_attention's arguments: the configured kernel, the device and the compute dtype
-Attention = tuple[AttentionKernel, torch.device, torch.dtype]
 
 # Fixed runtime overhead per process, in GB (see the module docstring).
 # gpu: CUDA context with lazy module loading ~0.5-1 GB, cuBLAS/cuDNN workspaces and NCCL
@@ -145,7 +143,7 @@ def _set_checkpointing(clip: nn.Module, enabled: bool) -> None:
 
 
 def _forward_saved_bytes(clip: nn.Module, cfg: ModelConfig, micro_batch: int,
-                         dtype: torch.dtype, attention: Attention) -> tuple[int, int]:
+                         dtype: torch.dtype) -> tuple[int, int]:
     """(bytes saved for backward by one forward of both towers, largest checkpoint unit).
 
     Runs under the caller's ``FakeTensorMode``: inputs are created fake too."""
@@ -163,7 +161,7 @@ def _forward_saved_bytes(clip: nn.Module, cfg: ModelConfig, micro_batch: int,
     image = torch.empty(micro_batch, 3, size, size, dtype=dtype)
     text = torch.zeros(micro_batch, cfg.text.context_length, dtype=torch.long)
     try:
-        with meter.active(), training_attention(*attention):
+        with meter.active():
             clip.encode_image(image, normalize=True)
             clip.encode_text(text, normalize=True)
     finally:
@@ -210,24 +208,22 @@ def measure_model(cfg: ModelConfig, precision: str, persistence_threshold: float
 
     with torch.device("meta"):
         clip = build_clip(cfg).to(DTYPES[precision])
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    training_device = torch.device("cuda" if device == "gpu" else "cpu")
+    kernel = training_attention(attention_kernel, training_device, DTYPES[precision])
+    with FakeTensorMode(allow_non_fake_inputs=True), kernel:
         clip = clip.to_empty(device="cpu")
-        attention = (attention_kernel, torch.device("cuda" if device == "gpu" else "cpu"),
-                     DTYPES[precision])
-        return _measure_fake_model(clip, cfg, DTYPES[precision], persistence_threshold,
-                                   attention)
+        return _measure_fake_model(clip, cfg, DTYPES[precision], persistence_threshold)
 
 
 def _measure_fake_model(clip: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
-                        persistence_threshold: float, attention: Attention) -> ModelFacts:
+                        persistence_threshold: float) -> ModelFacts:
     clip.train()
     sizes = [p.numel() for p in clip.parameters()]
     image_params = sum(p.numel() for p in clip.visual.parameters())
     measured = {}
     for checkpointing in (False, True):
         _set_checkpointing(clip, checkpointing)
-        measured[checkpointing] = [_forward_saved_bytes(clip, cfg, b, dtype, attention)
-                                   for b in (1, 2)]
+        measured[checkpointing] = [_forward_saved_bytes(clip, cfg, b, dtype) for b in (1, 2)]
     profiles = {}
     for checkpointing, ((one, _), (two, _)) in measured.items():
         # Block sizes come from the pass without checkpointing, which sees inside the blocks.
