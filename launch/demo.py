@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from data_tools.synthetic import write_synthetic_shards, zero_shot_prompts  # noqa: E402
 from pretrain.launcher import deepspeed_command  # noqa: E402
 from pretrain.report import format_table, plot_training  # noqa: E402
+from pretrain.threads import apply_thread_policy  # noqa: E402
 
 SPLITS = {  # name: (samples, seed); different seeds give disjoint draws
     "train": (4096, 0),
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("data/demo"))
     parser.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args(argv)
+    apply_thread_policy()  # zero-shot evaluation runs in this process; the jobs choose their own
     began = time.perf_counter()
     out, data = ROOT / args.out, ROOT / args.data
     if out.exists():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from pretrain.data import eval_transform
 from pretrain.export import load_exported_clip
 from pretrain.models.clip import build_tokenizer
 from pretrain.task import run_evaluation
+from pretrain.threads import apply_thread_policy
 
 
 class _ClipHolder(nn.Module):
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     try:
+        apply_thread_policy(log=sys.stderr)  # standard output is the results' JSON
         if args.zero_shot is None and args.retrieval is None:
             evals = _run_evaluations(args.export)
             zero_shot, retrieval = evals.zero_shot, evals.retrieval

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from pretrain.config import ConfigError, load_config
 from pretrain.errors import TrainingAborted
+from pretrain.threads import apply_thread_policy
 
 Cfg = TypeVar("Cfg", bound=BaseModel)
 
@@ -73,6 +74,11 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cf
     if args.check:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
+    try:
+        apply_thread_policy()
+    except ValueError as error:  # a malformed OMP_NUM_THREADS
+        print(f"environment error: {error}", file=sys.stderr)
+        return 2
     run_dir = args.run_dir or run_root / Path(args.config).stem
     if args.eval_only is not None:
         return _evaluate_only(evaluate_only, cfg, args.eval_only, run_dir, kind)

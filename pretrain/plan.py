@@ -58,6 +58,7 @@ from pretrain.attention import training_attention
 from pretrain.config import AttentionKernel, ModelConfig, PretrainConfig
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.job_cli import load_or_report
+from pretrain.threads import apply_thread_policy
 
 GB = 2**30
 Device = Literal["gpu", "cpu"]
@@ -486,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_or_report(PretrainConfig, args.config, args.overrides, kind="pretrain")
     if cfg is None:
+        return 2
+    try:
+        apply_thread_policy(log=sys.stderr)  # the fake-tensor measurement runs on this process
+    except ValueError as error:
+        print(f"environment error: {error}", file=sys.stderr)
         return 2
     plan = make_plan(args.config, cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb,
                      args.micro_batch, args.device, args.overhead_gb)

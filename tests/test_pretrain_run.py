@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def pretrain_run(shape_shards: dict[str, str], colour_folder: tuple[Path, Path],
                  f"templates: {templates}}}]",
         "--set", f"eval.retrieval=[{{name: heldout, shards: '{shape_shards['heldout']}'}}]",
     ]
-    run_deepspeed("pretrain.py", [
+    result = run_deepspeed("pretrain.py", [
         "--config", "demo", "--run-dir", str(run_dir), *MODEL, *evaluations,
         "--set", f"data.train={shape_shards['train']}",
         "--set", "data.batch_size=32", "--set", "data.workers=1",
@@ -66,7 +67,18 @@ def pretrain_run(shape_shards: dict[str, str], colour_folder: tuple[Path, Path],
         "--set", "optimizer.lr=2e-3",
         "--set", "log.every=1", "--set", "checkpoint.every=30", "--set", "checkpoint.keep=1",
     ])
+    (run_dir.parent / "launcher.log").write_text(result.stdout)
     return run_dir
+
+
+def test_the_thread_choice_is_logged_once(pretrain_run: Path) -> None:
+    """Each of the 2 ranks takes its share of the cores (tests/test_threads.py); the job says
+    so once, not once per rank."""
+    log = (pretrain_run.parent / "launcher.log").read_text()
+    lines = [line for line in log.splitlines() if "intra-op threads per process" in line]
+    assert len(lines) == 1, lines
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert "/ 2 local ranks" in lines[0], lines
 
 
 def test_evaluations_run_during_training_at_their_steps(pretrain_run: Path) -> None:
