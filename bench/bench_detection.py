@@ -17,15 +17,15 @@ resumable, aspect-grouped stream (``CocoTrainStream`` in a ``TrainLoader``):
   clips; the demo does not), started with ``torch.multiprocessing``.
 
 Timing as in bench_segmentation.py: ``--skip`` leading steps untimed, DeepSpeed's rate from its
-per-step ``metrics.jsonl`` records and DDP's from the wall clock of the timed steps, one OpenMP
-thread per rank, ``--repeats`` interleaved runs; every run is printed, then the medians and the
+per-step ``metrics.jsonl`` records and DDP's from the wall clock of the timed steps, thread
+counts as each side is started (the README's launcher and thread policy; torchrun's one thread
+per DDP rank), ``--repeats`` interleaved runs; every run is printed, then the medians and the
 median of the per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -41,7 +41,12 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_pretrain_ddp import RANKS, bench_env, deepspeed_rate, free_port  # noqa: E402
+from bench.bench_pretrain_ddp import (  # noqa: E402
+    RANKS,
+    deepspeed_rate,
+    free_port,
+    join_ddp_group,
+)
 from bench.bench_segmentation import overrides  # noqa: E402
 from data_tools.coco_synthetic import write_synthetic_coco  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
@@ -69,7 +74,7 @@ def run_deepspeed(settings: list[str], run_dir: Path) -> Path:
     command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(RANKS),
                "--master_port", str(free_port()), str(ROOT / "launch" / "finetune.py"),
                "--config", CONFIG, "--run-dir", str(run_dir), *sets]
-    done = subprocess.run(command, cwd=ROOT, env=bench_env(), capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"deepspeed run failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return run_dir / "metrics.jsonl"
@@ -96,8 +101,7 @@ def ddp_worker(rank: int, settings: list[str], steps: int, skip: int, port: int,
     from finetune.detection.task import DetectionTask, build_detection_module
     from pretrain.data import StreamState
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    join_ddp_group(rank, port)
     cfg = load_config(FinetuneConfig, CONFIG, settings, kind="finetune")
     task, opt = DetectionTask(cfg), cfg.optimizer
     torch.manual_seed(cfg.train.seed)
@@ -123,8 +127,7 @@ def ddp_worker(rank: int, settings: list[str], steps: int, skip: int, port: int,
 
 
 def run_ddp(settings: list[str], steps: int, skip: int) -> float:
-    """The DDP loop on 2 spawned ranks (one OpenMP thread each); rank 0's images/s."""
-    os.environ.update({k: v for k, v in bench_env().items() if k != "PATH"})
+    """The DDP loop on 2 spawned ranks (one intra-op thread each); rank 0's images/s."""
     context = mp.get_context("spawn")
     rates = context.SimpleQueue()
     mp.start_processes(ddp_worker, args=(settings, steps, skip, free_port(), rates),

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +42,7 @@ from bench_open_clip_peer import patch_open_clip_train  # noqa: E402
 from data_tools.mixture import load_mixture  # noqa: E402
 from data_tools.shard_writer import Sample, shard_pattern, write_shard, write_sizes  # noqa: E402
 from data_tools.synthetic import COLORS, SHAPES, caption_for, render  # noqa: E402
+from pretrain.threads import apply_thread_policy  # noqa: E402
 
 WIDTH, HEIGHT = 1024, 768
 
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", type=int, default=2, help="leading batches not timed")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    apply_thread_policy(log=None)  # as the entry points do; the workers run one thread each
     samples = (args.batches + args.skip + 2) * args.batch * max(1, args.workers)
     rates: dict[str, list[float]] = {"ours": [], "ours-nodraft": [], "open_clip": []}
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:

@@ -7,22 +7,30 @@
 Both sides train the same CLIP: timm ``davit_tiny`` image tower (avg pool, linear projection)
 and the 12-layer, 512-wide, 8-head text tower of 77 tokens, embed_dim 512
 (``configs/pretrain/davit_tiny.yaml``; open_clip gets the same architecture as a model config
-registered from a temporary JSON). Same generated shards (``data_tools.synthetic``, 256-px JPEGs
-by default), same per-rank batch, same loss (open_clip's ``ClipLoss`` with local loss and
-gather with grad), same AdamW hyper-parameters and gradient clipping, one data worker per rank,
-``OMP_NUM_THREADS=1`` per rank on 2 CPU ranks over gloo (the machine has 2 cores).
+registered from a temporary JSON). Same generated shards (``data_tools.synthetic``, 256-px JPEGs),
+same image size (224 px by default), same per-rank batch, same loss (open_clip's ``ClipLoss``
+with local loss and gather with grad), same AdamW hyper-parameters and gradient clipping, one
+data worker per rank, 2 CPU ranks over gloo.
 
-* ``ours``: ``launch/pretrain.py --config davit_tiny`` under the DeepSpeed launcher, with the
-  config's defaults (ZeRO stage, loader, logging) except the batch, the size, the precision
-  and the schedule length. ``log.every=1``: its per-step ``metrics.jsonl`` records give the
-  rate (a per-step record costs one tiny all-reduce, noise against seconds-long steps).
-* ``open_clip``: ``open_clip_train.main`` on one process per rank (torchrun's environment),
-  through a small CPU shim in this file (``--open-clip-worker``): DDP gets no ``device_ids``
-  on a CPU module; ``pandas`` (imported for CSV datasets only, not installed here) is stubbed
-  when missing; webdataset 1.0's end-of-shard markers are turned off for open_clip's
-  webdataset-0.2 sample grouping; the davit_tiny config is registered; and the time of each
-  call of its LR scheduler (once at the start of every step) is written to a JSON file: step
-  ``i`` lasts from its call to the next.
+Each side starts the way its own README tells a user to start it, with this process's
+environment as it is (no thread or other variable added):
+
+* ``ours``: ``deepspeed --num_gpus 2 launch/pretrain.py --config davit_tiny --run-dir ...
+  --set ...`` (the README's command), with the config's defaults (ZeRO stage, loader, thread
+  policy) except the data, batch, size, precision, schedule length and ``log.every=1``: its
+  per-step ``metrics.jsonl`` records give the rate (one tiny all-reduce a step, noise against
+  seconds-long steps), and wandb off (``--set log.wandb.mode=disabled``).
+* ``open_clip``: ``torchrun --nproc_per_node 2`` (open_clip's README), whose script is this file
+  in ``--open-clip-worker`` mode: a CPU shim that then calls ``open_clip_train.main.main`` with
+  the arguments open_clip's README uses. The shim changes nothing of the speed: DDP gets no
+  ``device_ids`` on a CPU module; ``pandas`` (imported for CSV datasets only, not installed
+  here) is stubbed when missing; webdataset 1.0's end-of-shard markers are turned off for
+  open_clip's webdataset-0.2 sample grouping; the davit_tiny config is registered; and the time
+  of each call of its LR scheduler (once at the start of every step) is written to a JSON file:
+  step ``i`` lasts from its call to the next. torchrun gives each rank one intra-op thread when
+  the user set no thread count (it says so in a warning); the runs start in their own directory
+  because torchrun's parser reads open_clip's ``--logs`` as an ambiguous abbreviation of its own
+  ``--logs-specs`` (open_clip's default ``./logs`` is used instead).
 
 fp32 is fp32 on both sides; bf16 is each stack's bf16: DeepSpeed's ``bf16`` section (bf16
 weights and activations, fp32 master weights in the optimizer) against open_clip's
@@ -63,12 +71,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_env(threads: int | None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+def user_environment() -> dict[str, str]:
+    """This process's environment, as a user's shell would hand it to either launcher."""
+    return dict(os.environ)
 
 
 def open_clip_model_config(image_size: int) -> dict:
@@ -158,7 +163,9 @@ def patch_open_clip_train() -> None:
 
 
 def open_clip_worker(argv: list[str]) -> None:
-    """One rank of open_clip_train.main, with what it needs on a CPU."""
+    """One rank of open_clip_train.main, with what it needs on a CPU.
+
+    ``argv``: TIMES_JSON MODEL_CONFIG_DIR PHASES(0|1), then open_clip_train's arguments."""
     import open_clip
     import torch
     from torch.nn.parallel import DistributedDataParallel
@@ -167,10 +174,8 @@ def open_clip_worker(argv: list[str]) -> None:
     from open_clip_train import main as oc_main
     from open_clip_train import train as oc_train
 
-    config_dir = Path(os.environ["PEER_MODEL_DIR"])
+    times_path, config_dir, phases, argv = argv[0], Path(argv[1]), argv[2] == "1", argv[3:]
     open_clip.add_model_config(config_dir)
-    times_path = os.environ["PEER_TIMES"]
-    phases = os.environ.get("PEER_PHASES") == "1"
     rank = int(os.environ.get("RANK", "0"))
 
     class CpuSafeDDP(DistributedDataParallel):
@@ -248,13 +253,15 @@ def open_clip_worker(argv: list[str]) -> None:
 
 # --------------------------------------------------------------------------- our worker (phases)
 def ours_worker(argv: list[str]) -> None:
-    """``launch/pretrain.py`` with the Trainer's calls timed (``--phases`` only)."""
+    """``launch/pretrain.py`` with the Trainer's calls timed (``--phases`` only).
+
+    ``argv``: TIMES_JSON, then launch/pretrain.py's arguments."""
     import runpy
 
     from pretrain import engine as engine_module
 
+    times_path, argv = argv[0], argv[1:]
     timer = PhaseTimer(_sync_fn())
-    times_path = os.environ["PEER_TIMES"]
     rank = int(os.environ.get("RANK", "0"))
     original_init = engine_module.Trainer.__init__
     original_step = engine_module.Trainer.train_step
@@ -296,7 +303,6 @@ class Setup:
     def __init__(self, args: argparse.Namespace, tmp: Path, shards: str, num_shards: int) -> None:
         self.args, self.tmp, self.shards, self.num_shards = args, tmp, shards, num_shards
         self.ranks = 1 if args.gpu else 2
-        self.threads = None if args.gpu else 1
         self.model_dir = tmp / "open_clip_models"
         self.model_dir.mkdir(exist_ok=True)
         (self.model_dir / f"{MODEL_NAME}.json").write_text(
@@ -325,11 +331,12 @@ def run_ours(setup: Setup, precision: str) -> dict:
     launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus",
                 str(setup.ranks), "--master_port", str(free_port())]
     if args.phases:
-        command = [*launcher, str(Path(__file__).resolve()), "--ours-worker", *script_args]
+        command = [*launcher, str(Path(__file__).resolve()), "--ours-worker", str(times),
+                   *script_args]
     else:
         command = [*launcher, str(ROOT / "launch" / "pretrain.py"), *script_args]
-    env = {**bench_env(setup.threads), "PEER_TIMES": str(times)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, env=user_environment(), capture_output=True,
+                            text=True)
     if result.returncode != 0:
         raise SystemExit(f"our run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -348,6 +355,7 @@ def run_open_clip(setup: Setup, precision: str) -> dict:
     logs = setup.fresh_dir("open_clip")
     times = logs.with_suffix(".times.json")
     global_batch = args.batch * setup.ranks
+    logs.mkdir(parents=True)
     oc_args = [
         "--train-data", setup.shards, "--dataset-type", "webdataset",
         "--train-num-samples", str(args.steps * global_batch), "--epochs", "1",
@@ -355,23 +363,20 @@ def run_open_clip(setup: Setup, precision: str) -> dict:
         "--precision", {"bf16": "amp_bf16", "fp32": "fp32"}[precision],
         "--lr", "5e-4", "--wd", "0.2", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--warmup", "1", "--grad-clip-norm", "1.0", "--local-loss", "--gather-with-grad",
-        "--seed", "0", "--logs", str(logs), "--name", "bench",
+        "--seed", "0", "--name", "bench",
         "--save-frequency", "0", "--log-every-n-steps", "1000", "--zeroshot-frequency", "0",
         "--device", "cuda" if args.gpu else "cpu",
     ]
-    # torchrun's own parser would take abbreviations of its options (--logs) from the script's
-    # arguments, so the ranks are started here with the environment torchrun would give them.
-    env = {**bench_env(setup.threads), "PEER_TIMES": str(times),
-           "PEER_MODEL_DIR": str(setup.model_dir), "PEER_PHASES": "1" if args.phases else "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(setup.ranks), "LOCAL_WORLD_SIZE": str(setup.ranks)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--open-clip-worker", *oc_args]
-    procs = [subprocess.Popen(command, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(setup.ranks)]
-    outputs = [p.communicate()[0] for p in procs]
-    if any(p.returncode != 0 for p in procs):
-        raise SystemExit("open_clip run failed:\n" + "\n".join(o[-3000:] for o in outputs))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", str(setup.ranks), "--master_port",
+               str(free_port()), str(Path(__file__).resolve()), "--open-clip-worker",
+               str(times), str(setup.model_dir), "1" if args.phases else "0", *oc_args]
+    # open_clip writes ./logs/bench (its default --logs, see the module docstring)
+    result = subprocess.run(command, cwd=logs, env=user_environment(), capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"open_clip run failed:\n{result.stdout[-3000:]}\n"
+                         f"{result.stderr[-3000:]}")
     data = json.loads(times.read_text())
     stamps = data["stamps"]
     seconds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][args.skip:]
@@ -410,11 +415,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", type=int, default=4, help="leading steps left out of timing")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per side")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch per rank")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=1, help="data workers per rank")
     parser.add_argument("--samples", type=int, default=1024, help="synthetic pairs to write")
     parser.add_argument("--gpu", action="store_true",
-                        help="one GPU rank, bf16, all threads; prints MFU for both sides")
+                        help="one GPU rank, bf16; prints MFU for both sides")
     parser.add_argument("--phases", action="store_true", help="per-step phase breakdown")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for our side (to measure a lever)")
@@ -426,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
         args.precision = ["bf16"] if args.precision == ["fp32", "bf16"] else args.precision
     if not 0 <= args.skip < args.steps - 1:
         parser.error("--skip must be smaller than --steps - 1")
+    if "OMP_NUM_THREADS" in os.environ:
+        print(f"note: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is set in this shell and "
+              "reaches both sides: the figures are not those of a fresh shell", flush=True)
 
     from data_tools.synthetic import write_synthetic_shards
 
@@ -449,7 +457,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  repeat {repeat} {precision} {side:<9} {outcome['rate']:6.2f} "
                           f"samples/s", flush=True)
     load = os.getloadavg()
-    device = "1 GPU" if args.gpu else "2 CPU ranks (gloo, OMP_NUM_THREADS=1)"
+    device = ("1 GPU" if args.gpu else
+              "2 CPU ranks (gloo; deepspeed launcher vs torchrun, each with its own threads)")
     print(f"davit_tiny CLIP (12x512 text), {args.image_size} px, batch {args.batch} per rank, "
           f"{device}, {args.workers} data worker(s) per rank, steps {args.skip + 1}.."
           f"{args.steps - 1} timed, {args.repeats} interleaved repeats; load average now "

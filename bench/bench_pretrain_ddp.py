@@ -18,8 +18,10 @@ The first ``--skip`` steps (start-up, allocator warm-up, loader fill) are not ti
 per-step rate still climbs for about ten steps (120 samples/s at steps 3-6, ~145 from step 14 in
 one run here), so a short window would time warm-up rather than the steady state a long run
 lives in. DeepSpeed's rate comes from its per-step ``metrics.jsonl`` records (``log.every=1``);
-DDP's from the wall clock of the timed steps. Both sides get ``OMP_NUM_THREADS=1`` per rank
-(2 ranks, 2 cores), so neither oversubscribes the CPU. The two sides run ``--repeats`` times,
+DDP's from the wall clock of the timed steps. The DeepSpeed side starts as the README says
+(nothing added to the environment: each rank takes its share of the cores by the entry points'
+thread policy); the DDP ranks run one intra-op thread each, what torchrun gives several local
+ranks. The two sides run ``--repeats`` times,
 interleaved, so that background load on a shared machine hits both alike. Prints every run's
 samples/s, the best of each side, the ratio of the bests and the median of the per-repeat
 ratios DeepSpeed / DDP.
@@ -58,9 +60,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-            "WANDB_MODE": "disabled"}
+def join_ddp_group(rank: int, port: int) -> None:
+    """Start a bare DDP rank as torchrun would: one intra-op thread (torchrun's default for
+    several local ranks), then gloo on loopback."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
 
 
 # --------------------------------------------------------------------------- DeepSpeed side
@@ -75,7 +80,7 @@ def run_deepspeed(shards: str, run_dir: Path, steps: int, overrides: list[str]) 
         "--set", "log.wandb.mode=disabled", "--set", f"checkpoint.every={10 * steps}",
         *[arg for item in overrides for arg in ("--set", item)],
     ]
-    result = subprocess.run(command, cwd=ROOT, env=bench_env(), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"deepspeed run failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return run_dir / "metrics.jsonl"
@@ -103,8 +108,7 @@ def ddp_worker(rank: int, cfg_tree: dict, shards: str, steps: int, skip: int, po
     from pretrain.data import build_train_loader
     from pretrain.models.clip import build_clip, build_tokenizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    join_ddp_group(rank, port)
     cfg = PretrainConfig.model_validate(cfg_tree)
     torch.manual_seed(cfg.train.seed)
     clip = build_clip(cfg.model)
@@ -143,7 +147,6 @@ def ddp_worker(rank: int, cfg_tree: dict, shards: str, steps: int, skip: int, po
 
 
 def run_ddp(cfg: PretrainConfig, shards: str, steps: int, skip: int) -> float:
-    os.environ.update({k: v for k, v in bench_env().items() if k != "PATH"})
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     mp.start_processes(ddp_worker, args=(cfg.model_dump(mode="json"), shards, steps, skip,

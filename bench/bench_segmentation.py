@@ -15,15 +15,16 @@ loader (finetune.segmentation.data):
   and gradient clipping, started with ``torch.multiprocessing``.
 
 The first ``--skip`` steps (start-up, loader fill) are not timed. DeepSpeed's rate comes from
-its per-step ``metrics.jsonl`` records, DDP's from the wall clock of the timed steps. Both sides
-get ``OMP_NUM_THREADS=1`` per rank. The sides run ``--repeats`` times, interleaved, so that
-background load hits both alike; the median of the per-repeat ratios is printed last.
+its per-step ``metrics.jsonl`` records, DDP's from the wall clock of the timed steps. Thread
+counts are as each side is started: the DeepSpeed side as the README starts it (the entry
+points' thread policy), the DDP ranks with torchrun's one thread each. The sides run
+``--repeats`` times, interleaved, so that background load hits both alike; the median of the
+per-repeat ratios is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,12 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_pretrain_ddp import RANKS, bench_env, deepspeed_rate, free_port  # noqa: E402
+from bench.bench_pretrain_ddp import (  # noqa: E402
+    RANKS,
+    deepspeed_rate,
+    free_port,
+    join_ddp_group,
+)
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.segmentation.synthetic import write_synthetic_ade  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
@@ -61,7 +67,7 @@ def run_deepspeed(settings: list[str], run_dir: Path) -> Path:
     command = [str(launcher), "--num_gpus", str(RANKS), "--master_port", str(free_port()),
                str(ROOT / "launch" / "finetune.py"), "--config", CONFIG,
                "--run-dir", str(run_dir), *[a for s in settings for a in ("--set", s)]]
-    result = subprocess.run(command, cwd=ROOT, env=bench_env(), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"deepspeed run failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return run_dir / "metrics.jsonl"
@@ -75,8 +81,7 @@ def ddp_worker(rank: int, settings: list[str], steps: int, skip: int, port: int,
     from finetune.segmentation.task import SegmentationTask
     from pretrain.data import StreamState
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    join_ddp_group(rank, port)
     cfg = load_config(FinetuneConfig, CONFIG, settings, kind="finetune")
     task = SegmentationTask(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -105,7 +110,6 @@ def ddp_worker(rank: int, settings: list[str], steps: int, skip: int, port: int,
 
 
 def run_ddp(settings: list[str], steps: int, skip: int) -> float:
-    os.environ.update({k: v for k, v in bench_env().items() if k != "PATH"})
     results = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(ddp_worker, args=(settings, steps, skip, free_port(), results),
                        nprocs=RANKS, join=True, start_method="spawn")
