@@ -335,6 +335,7 @@ def run_ours(setup: Setup, precision: str) -> dict:
                    *script_args]
     else:
         command = [*launcher, str(ROOT / "launch" / "pretrain.py"), *script_args]
+    launched = time.time()
     result = subprocess.run(command, cwd=ROOT, env=user_environment(), capture_output=True,
                             text=True)
     if result.returncode != 0:
@@ -344,7 +345,8 @@ def run_ours(setup: Setup, precision: str) -> dict:
     global_batch = args.batch * setup.ranks
     seconds = [global_batch / r["samples_per_s"] for r in records if r["step"] > args.skip]
     out = {"rate": len(seconds) * global_batch / sum(seconds), "step_s": seconds,
-           "losses": [r["loss"] for r in records]}
+           "losses": [r["loss"] for r in records],
+           "startup_s": records[0]["time"] - launched}  # to the end of step 1
     if args.phases and times.exists():
         out["phases"] = json.loads(times.read_text())["phases"][args.skip:]
     return out
@@ -372,6 +374,7 @@ def run_open_clip(setup: Setup, precision: str) -> dict:
                str(free_port()), str(Path(__file__).resolve()), "--open-clip-worker",
                str(times), str(setup.model_dir), "1" if args.phases else "0", *oc_args]
     # open_clip writes ./logs/bench (its default --logs, see the module docstring)
+    launched = time.perf_counter()  # CLOCK_MONOTONIC: the same clock as the worker's stamps
     result = subprocess.run(command, cwd=logs, env=user_environment(), capture_output=True,
                             text=True)
     if result.returncode != 0:
@@ -380,7 +383,8 @@ def run_open_clip(setup: Setup, precision: str) -> dict:
     data = json.loads(times.read_text())
     stamps = data["stamps"]
     seconds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][args.skip:]
-    out = {"rate": len(seconds) * global_batch / sum(seconds), "step_s": seconds}
+    out = {"rate": len(seconds) * global_batch / sum(seconds), "step_s": seconds,
+           "startup_s": stamps[1] - launched}  # to the end of step 1 (the start of step 2)
     if args.phases:
         out["phases"] = data["phases"][args.skip:]
     return out
@@ -475,8 +479,10 @@ def main(argv: list[str] | None = None) -> None:
             rates = [r["rate"] for r in runs]
             if not rates:
                 continue
+            startup = statistics.median(r["startup_s"] for r in runs)
             line = (f"{precision} {side:<10}median {statistics.median(rates):6.2f} samples/s  "
-                    f"(runs: {', '.join(f'{x:.2f}' for x in rates)})")
+                    f"(runs: {', '.join(f'{x:.2f}' for x in rates)}); launch to the end of "
+                    f"step 1: {startup:.1f} s")
             if flops and peak:
                 line += f"  MFU {statistics.median(rates) * flops / peak:.3f}"
             print(line)

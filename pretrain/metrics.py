@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,12 @@ class MetricsLogger:
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` with ``time`` (Unix seconds when it was logged: where a run's wall
+        clock went, start-up included, can be read from the file alone)."""
         if not self.enabled:
             return
         with self.path.open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
+            stream.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["step"])
 

@@ -100,8 +100,10 @@ def test_loss_falls_and_metrics_are_complete(pretrain_run: Path) -> None:
     last = sum(r["loss"] for r in records[-4:]) / 4
     assert last < first - 0.3, (first, last)
     for key in ("samples_seen", "lr", "samples_per_s", "data_wait_fraction", "peak_memory_gb",
-                "skipped_samples"):
+                "skipped_samples", "time"):
         assert key in records[-1]
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and times[-1] - times[0] > 0
     assert records[-1]["samples_seen"] == STEPS * 32 * 2  # steps x micro-batch x ranks
     assert records[-1]["skipped_samples"] == 0
 
