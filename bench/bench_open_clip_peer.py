@@ -346,7 +346,8 @@ def run_ours(setup: Setup, precision: str) -> dict:
     seconds = [global_batch / r["samples_per_s"] for r in records if r["step"] > args.skip]
     out = {"rate": len(seconds) * global_batch / sum(seconds), "step_s": seconds,
            "losses": [r["loss"] for r in records],
-           "startup_s": records[0]["time"] - launched}  # to the end of step 1
+           "startup_s": records[0]["time"] - launched,  # to the end of step 1
+           "wall_s": time.time() - launched}
     if args.phases and times.exists():
         out["phases"] = json.loads(times.read_text())["phases"][args.skip:]
     return out
@@ -384,7 +385,8 @@ def run_open_clip(setup: Setup, precision: str) -> dict:
     stamps = data["stamps"]
     seconds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][args.skip:]
     out = {"rate": len(seconds) * global_batch / sum(seconds), "step_s": seconds,
-           "startup_s": stamps[1] - launched}  # to the end of step 1 (the start of step 2)
+           "startup_s": stamps[1] - launched,  # to the end of step 1 (the start of step 2)
+           "wall_s": time.perf_counter() - launched}
     if args.phases:
         out["phases"] = data["phases"][args.skip:]
     return out
@@ -480,9 +482,10 @@ def main(argv: list[str] | None = None) -> None:
             if not rates:
                 continue
             startup = statistics.median(r["startup_s"] for r in runs)
+            wall = statistics.median(r["wall_s"] for r in runs)
             line = (f"{precision} {side:<10}median {statistics.median(rates):6.2f} samples/s  "
                     f"(runs: {', '.join(f'{x:.2f}' for x in rates)}); launch to the end of "
-                    f"step 1: {startup:.1f} s")
+                    f"step 1 {startup:.1f} s, whole run {wall:.1f} s")
             if flops and peak:
                 line += f"  MFU {statistics.median(rates) * flops / peak:.3f}"
             print(line)

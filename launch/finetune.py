@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.tasks import check_inputs  # noqa: E402
 from pretrain.config import JobConfig  # noqa: E402
-from pretrain.job_cli import run_job  # noqa: E402
+from pretrain.job_cli import run_job, skip_final_garbage_collection  # noqa: E402
 
 
 def make_trainer(cfg: JobConfig, run_dir: Path):  # noqa: ANN201 (imports DeepSpeed late)
@@ -41,6 +41,8 @@ def evaluate_only(cfg: JobConfig, checkpoint: Path, run_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(None, "Fine-tune a pretrained encoder under DeepSpeed", "finetune",
-                     FinetuneConfig, make_trainer, run_root=Path("runs/finetune"),
-                     check_inputs=check_inputs, evaluate_only=evaluate_only))
+    code = run_job(None, "Fine-tune a pretrained encoder under DeepSpeed", "finetune",
+                   FinetuneConfig, make_trainer, run_root=Path("runs/finetune"),
+                   check_inputs=check_inputs, evaluate_only=evaluate_only)
+    skip_final_garbage_collection()
+    sys.exit(code)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_tools.mixture import check_samples, load_mixture  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.job_cli import run_job  # noqa: E402
+from pretrain.job_cli import run_job, skip_final_garbage_collection  # noqa: E402
 
 
 def make_trainer(cfg: PretrainConfig, run_dir: Path):  # noqa: ANN201 (imports DeepSpeed late)
@@ -37,5 +37,7 @@ def check_inputs(cfg: PretrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(None, "CLIP pretraining under DeepSpeed", "pretrain", PretrainConfig,
-                     make_trainer, check_inputs=check_inputs))
+    code = run_job(None, "CLIP pretraining under DeepSpeed", "pretrain", PretrainConfig,
+                   make_trainer, check_inputs=check_inputs)
+    skip_final_garbage_collection()
+    sys.exit(code)
