@@ -80,14 +80,14 @@ def load_task_weights(module: nn.Module, state: dict[str, torch.Tensor], checkpo
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
+        found = [f"{len(found)} {kind} (e.g. {found[0]})" for kind, found in (
+            ("tensors of other shapes", shapes), ("missing keys", missing),
+            ("unexpected keys", unexpected)) if found]
         built = ""
-        if spec is not None:
-            options = {k: v for k, v in spec.options.items() if k in ("kind", "classes")}
+        if spec is not None:  # what the export says it is: the settings to evaluate it with
+            options = {k: v for k, v in spec.options.items() if not isinstance(v, list)}
             built = (f"; it records a {spec.task or 'model'} on {spec.timm_name} with "
-                     f"{spec.num_classes} classes {options}")
-        raise ValueError(f"{checkpoint}: not this config's {what}: {len(shapes)} tensors of "
-                         f"other shapes (e.g. {shapes[:1]}), {len(missing)} missing "
-                         f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. "
-                         f"{unexpected[:1]}){built}; evaluate it with the config that trained "
-                         "it")
+                     f"{spec.num_classes} classes and {options}")
+        raise ValueError(f"{checkpoint}: not this config's {what}: {', '.join(found)}{built}; "
+                         "evaluate it with the settings that trained it")
     module.load_state_dict(state)
