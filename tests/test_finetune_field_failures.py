@@ -297,6 +297,7 @@ def test_segmentation_eval_only_needs_no_training_split(ade: Path, tmp_path: Pat
 
 def test_detection_eval_only_needs_no_training_json(coco: Path, tmp_path: Path) -> None:
     from finetune.config import FinetuneConfig
+    from finetune.detection.coco import CocoIndex
     from finetune.detection.task import DetectionTask, build_detection_module
     from pretrain.config import load_config
 
@@ -309,13 +310,19 @@ def test_detection_eval_only_needs_no_training_json(coco: Path, tmp_path: Path) 
                 tmp_path / "export")
     (root / "annotations" / "instances_train2017.json").unlink()
     shutil.rmtree(root / "train2017")
+    # 5. the json's last image, at the end of worker 0's slice (images 0, 2, 4 of 5), unreadable
+    val = CocoIndex(root / "annotations" / "instances_val2017.json", root / "val2017")
+    last = val.image_path(val.image_ids[-1])
+    last.write_bytes(last.read_bytes()[:100])
     run_dir = tmp_path / "eval"
     code, _, err, seconds = _run(["--config", "coco/demo", "--run-dir", str(run_dir),
                                   *TINY_DETECTOR, "--set", f"data.root={root}",
+                                  "--set", "data.workers=2",
                                   "--eval-only", str(tmp_path / "export" / "detector.pt")])
     assert code == 0, err[-3000:]
     results = json.loads((run_dir / "eval.json").read_text())["results"]
-    assert results["images"] == 5 and results["skipped"] == 0
+    assert results["images"] == 4 and results["skipped"] == 1  # was images 4, skipped 0
+    assert [(r["split"], r["path"]) for r in read_skipped(run_dir)] == [("val", str(last))]
     assert seconds < 90
 
 
@@ -367,3 +374,36 @@ def test_a_class_without_iou_is_null_in_eval_json_and_metrics(tmp_path: Path) ->
     line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
     assert _strict(line)["eval/IoU.c"] is None
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["eval/mIoU"] == results["mIoU"]
+
+
+# ---------------------------------------------------------------- any worker exception
+
+_FAILING_WORKER = """
+import torch
+from torch.utils.data import IterableDataset
+from pretrain.data import StreamState, TrainLoader
+
+class Failing(IterableDataset):
+    state = StreamState.fresh(2)
+
+    def __iter__(self):
+        raise RuntimeError("a bug in a task's decode")
+
+loader = TrainLoader(Failing(), 2)
+next(loader)
+"""
+
+
+def test_an_exception_in_a_data_worker_does_not_hang_the_exit(tmp_path: Path) -> None:
+    """Whatever a worker raises (here a bug, not bad data), the rank exits: before, the
+    exception's traceback kept the workers alive and the interpreter waited on them for ever."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-c", _FAILING_WORKER], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the process did not exit: it waits on its data workers") from None
+    assert result.returncode == 1
+    assert "RuntimeError: a bug in a task's decode" in result.stderr
+    assert time.monotonic() - started < 60

@@ -218,6 +218,9 @@ class ClassificationTask(Task):
 
         return evaluate_checkpoint(cfg, checkpoint, run_dir)
 
+    def eval_only_file(self, export_dir: Path) -> Path | None:
+        return export_dir / "classifier.pt"
+
     def flops_per_sample(self) -> float:
         num_classes = self.cfg.data.num_classes
         return image_model_train_flops(lambda: self.spec.build_timm(num_classes=num_classes),
