@@ -407,3 +407,16 @@ def test_an_exception_in_a_data_worker_does_not_hang_the_exit(tmp_path: Path) ->
     assert result.returncode == 1
     assert "RuntimeError: a bug in a task's decode" in result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_check_lets_a_few_missing_files_through(coco: Path, tmp_path: Path) -> None:
+    """A real data set with a few missing files still starts (they are skipped, counted and
+    listed at run time); only a folder without most of the json's files is refused."""
+    from finetune.config import FinetuneConfig
+    from finetune.tasks import check_inputs
+    from pretrain.config import load_config
+
+    root = _copy(coco, tmp_path / "coco")
+    sorted((root / "train2017").iterdir())[0].unlink()
+    overrides = [a for a in TINY_DETECTOR if a != "--set"] + [f"data.root={root}"]
+    check_inputs(load_config(FinetuneConfig, "coco/demo", overrides, kind="finetune"))
