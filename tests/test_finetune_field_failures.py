@@ -156,6 +156,28 @@ def test_unreadable_training_images_end_two_ranks_in_one_line(ade: Path, tmp_pat
     assert {r["split"] for r in listed} == {"train"} and len(listed) >= 8
 
 
+@pytest.mark.slow  # two 2-rank launches
+def test_images_lost_mid_run_abort_in_one_line_and_keep_the_checkpoint(ade: Path,
+                                                                        tmp_path: Path) -> None:
+    """The training split becomes unreadable after a checkpoint (a file system gone bad): the
+    resumed run ends in one line, and the checkpoint it resumed from is still the latest."""
+    root = _copy(ade, tmp_path / "ade")
+    run_dir = tmp_path / "run"
+    code, _, err, _ = _run(_ade_args(run_dir, root, "--set", "schedule.steps=2"), ranks=2)
+    assert code == 0, err[-3000:]
+    _truncate(root / "images" / "training")
+    code, _, err, seconds = _run(_ade_args(run_dir, root, "--set", "schedule.steps=4",
+                                           "--set", "checkpoint.every=1"), ranks=2)
+    assert code == 1, err[-3000:]
+    assert "the last 8 images read all failed to decode" in _one_line(err, "training aborted:",
+                                                                      ranks=2)
+    assert seconds < 150
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert (run_dir / "checkpoints" / "step_00000002" / "rank_00001.pt").is_file()
+    assert (run_dir / "export" / "segmenter.pt").is_file()  # the 2-step run's deliverable
+    assert not _leftovers(run_dir)
+
+
 def test_check_refuses_a_training_image_folder_without_the_jsons_files(
         coco: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # the field's mistake: --set data.train_images=images on a COCO layout
