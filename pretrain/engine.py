@@ -138,6 +138,7 @@ class Trainer:
         self.flops_per_sample = task.flops_per_sample() if self.is_main else 0.0
         self._stop_signal: int | None = None
         self.exported = False
+        self._skips_noted = False
         for signum in PREEMPTION_SIGNALS:
             signal.signal(signum, self._request_stop)
 
@@ -208,6 +209,7 @@ class Trainer:
                     record = self._log_record(window)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     self.metrics.log(record)
+                    self._point_to_skip_list(record["skipped_samples"])
                     window = _Window()
                 due = self._evaluation_due(last)
                 if stop or due or self.step % cfg.checkpoint.every == 0 or last:
@@ -221,6 +223,14 @@ class Trainer:
         finally:
             bar.close()
         return "completed"
+
+    def _point_to_skip_list(self, skipped: int) -> None:
+        """Once per run, when training first skips something, say where files are listed."""
+        if skipped and self.is_main and not self._skips_noted:
+            self._skips_noted = True
+            print(f"step {self.step}: {skipped} training samples skipped so far (counted as "
+                  f"skipped_samples in metrics.jsonl; unreadable files are listed in "
+                  f"{self.run_dir / SKIPPED_FILE})", flush=True)
 
     def train_step(self, window: _Window) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
         """One optimizer step over ``grad_accum`` finite micro-batches.

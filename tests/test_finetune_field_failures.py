@@ -201,9 +201,11 @@ def test_a_failed_final_evaluation_keeps_the_checkpoint_and_the_export(ade: Path
     root = _copy(ade, tmp_path / "ade")
     originals = {p: p.read_bytes() for p in (root / "images" / "validation").iterdir()}
     _truncate(root / "images" / "validation")  # exists (passes --check), does not decode
+    bad_train = sorted((root / "images" / "training").iterdir())[3]
+    bad_train.write_bytes(b"<html>not an image</html>")  # skipped, counted, listed, pointed to
     run_dir = tmp_path / "run"
-    code, _, err, seconds = _run(_ade_args(run_dir, root, "--set", "schedule.steps=3"),
-                                 ranks=2)
+    code, out, err, seconds = _run(_ade_args(run_dir, root, "--set", "schedule.steps=3"),
+                                   ranks=2)
     assert code == 1, err[-3000:]
     line = _one_line(err, "training aborted:", ranks=2)
     export = run_dir / "export" / "segmenter.pt"
@@ -215,7 +217,11 @@ def test_a_failed_final_evaluation_keeps_the_checkpoint_and_the_export(ade: Path
     assert seconds < 240
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
     assert export.is_file() and "state_dict" in torch.load(export, weights_only=True)
-    assert len(read_skipped(run_dir)) == 5
+    listed = read_skipped(run_dir)
+    assert [r["path"] for r in listed if r["split"] == "train"] == [str(bad_train)]
+    assert len([r for r in listed if r["split"] == "val"]) == 5
+    assert f"training samples skipped so far (counted as skipped_samples in metrics.jsonl; " \
+           f"unreadable files are listed in {run_dir / 'skipped.jsonl'})" in out
     # the fix, then the evaluation only (what the line says)
     for path, payload in originals.items():
         path.write_bytes(payload)
@@ -459,3 +465,30 @@ def test_check_lets_a_few_missing_files_through(coco: Path, tmp_path: Path) -> N
     sorted((root / "train2017").iterdir())[0].unlink()
     overrides = [a for a in TINY_DETECTOR if a != "--set"] + [f"data.root={root}"]
     check_inputs(load_config(FinetuneConfig, "coco/demo", overrides, kind="finetune"))
+
+
+def test_classification_validation_counts_a_slices_last_unreadable_images(tmp_path: Path
+                                                                          ) -> None:
+    """5. The images after a slice's last batch are counted too (they were printed, not
+    counted: ``skipped: 0`` with one image fewer), and listed."""
+    from data_tools.imagefolder import scan_imagefolder
+    from data_tools.imagefolder_synthetic import write_synthetic_imagefolder
+    from finetune.classification.data import collate_labelled
+    from finetune.classification.imagefolder import ImageFolderSplit
+    from pretrain.skipped import SkipLog
+
+    write_synthetic_imagefolder(tmp_path / "val", num_classes=2, per_class=5, seed=1,
+                                image_size=16)
+    index = scan_imagefolder(tmp_path / "val")
+    for item in (8, 6):  # the last two of rank 0's slice (0, 2, 4, 6, 8 on 2 ranks)
+        index.path(item).write_bytes(b"<html>not an image</html>")
+
+    def to_tensor(image) -> torch.Tensor:  # noqa: ANN001 (a PIL image)
+        return torch.zeros(3, 4, 4)
+
+    batches = [batch for rank in range(2) for batch in ImageFolderSplit(
+        index, to_tensor, collate_labelled, 2, rank, 2, SkipLog(tmp_path / "run", rank))]
+    assert sum(len(b["label"]) for b in batches) == 8
+    assert sum(b["skipped"] for b in batches) == 2
+    assert sorted(r["path"] for r in read_skipped(tmp_path / "run")) == sorted(
+        str(index.path(item)) for item in (6, 8))
