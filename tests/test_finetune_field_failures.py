@@ -150,7 +150,7 @@ def test_unreadable_training_images_end_two_ranks_in_one_line(ade: Path, tmp_pat
                            f"({root / 'images' / 'training'}): the last 8 images read all "
                            "failed to decode (the train split; first ")
     assert "ADE_train_0000000" in line and f"{run_dir / 'skipped.jsonl'}" in line
-    assert seconds < 150  # DeepSpeed's start-up included; it never got past the first batch
+    assert seconds < 240  # DeepSpeed's start-up included (about 25 s on an idle 2-core machine)
     assert not _leftovers(run_dir)  # no rank, no data worker left behind
     listed = read_skipped(run_dir)
     assert {r["split"] for r in listed} == {"train"} and len(listed) >= 8
@@ -171,7 +171,7 @@ def test_images_lost_mid_run_abort_in_one_line_and_keep_the_checkpoint(ade: Path
     assert code == 1, err[-3000:]
     assert "the last 8 images read all failed to decode" in _one_line(err, "training aborted:",
                                                                       ranks=2)
-    assert seconds < 150
+    assert seconds < 240
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
     assert (run_dir / "checkpoints" / "step_00000002" / "rank_00001.pt").is_file()
     assert (run_dir / "export" / "segmenter.pt").is_file()  # the 2-step run's deliverable
@@ -256,7 +256,7 @@ def test_ade_labels_without_reduce_zero_label_are_refused(ade: Path, tmp_path: P
         in line
     assert line.endswith("need data.reduce_zero_label: true")
     assert f"{ade / 'annotations'}" in line
-    assert seconds < 60
+    assert seconds < 120  # a process start; a hang would pass 300
 
 
 def test_labels_beyond_num_classes_are_refused(ade: Path, tmp_path: Path,
@@ -297,7 +297,7 @@ def test_eval_only_with_a_checkpoint_of_other_sizes_is_one_line(ade: Path,
     assert "(24, 64, 1, 1) vs (16, 64, 1, 1)" in line
     assert "'kind': 'upernet', 'decoder_channels': 24" in line
     assert line.endswith("evaluate it with the settings that trained it")
-    assert seconds < 60
+    assert seconds < 120  # a process start; a hang would pass 300
 
 
 def test_validation_categories_other_than_trainings_are_refused(coco: Path,
@@ -315,7 +315,7 @@ def test_validation_categories_other_than_trainings_are_refused(coco: Path,
     assert line.startswith(f"input error: data.val_annotations {val}: its category ids "
                            "differ from the training json's")
     assert "1 missing from it (e.g. [60])" in line
-    assert seconds < 60
+    assert seconds < 120  # a process start; a hang would pass 300
     assert not (tmp_path / "run").exists()  # refused before anything started
 
 
@@ -337,7 +337,7 @@ def test_segmentation_eval_only_needs_no_training_split(ade: Path, tmp_path: Pat
     results = json.loads((run_dir / "eval.json").read_text())["results"]
     assert results["images"] == 4 and results["skipped"] == 1
     assert [r["path"] for r in read_skipped(run_dir)] == [str(last)]
-    assert seconds < 90
+    assert seconds < 120  # a process start; a hang would pass 300
 
 
 def test_detection_eval_only_needs_no_training_json(coco: Path, tmp_path: Path) -> None:
@@ -368,7 +368,7 @@ def test_detection_eval_only_needs_no_training_json(coco: Path, tmp_path: Path) 
     results = json.loads((run_dir / "eval.json").read_text())["results"]
     assert results["images"] == 4 and results["skipped"] == 1  # was images 4, skipped 0
     assert [(r["split"], r["path"]) for r in read_skipped(run_dir)] == [("val", str(last))]
-    assert seconds < 90
+    assert seconds < 120  # a process start; a hang would pass 300
 
 
 def test_classification_eval_only_takes_a_timm_export_folder(tmp_path: Path) -> None:
@@ -391,7 +391,7 @@ def test_classification_eval_only_takes_a_timm_export_folder(tmp_path: Path) -> 
         "--set", "data.num_classes=4", "--set", "data.workers=0", "--eval-only", str(folder)])
     assert code == 0, err[-3000:]
     assert json.loads((run_dir / "eval.json").read_text())["results"]["samples"] == 12
-    assert seconds < 60
+    assert seconds < 120  # a process start; a hang would pass 300
 
 
 # ---------------------------------------------------------------- 6. strict JSON
