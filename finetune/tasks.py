@@ -86,12 +86,43 @@ def check_inputs(cfg: JobConfig) -> None:
         check_segmentation_inputs(cfg)
     if isinstance(cfg, DetectionConfig):
         from finetune.detection.coco import CocoIndex
+        from finetune.detection.task import check_same_categories
 
         check_encoder(cfg.encoder)
         data = cfg.data
+        indexes = {}
         for split in ("train", "val"):
             annotations = data.path(getattr(data, f"{split}_annotations"))
             images = Path(data.path(getattr(data, f"{split}_images")))
             if not images.is_dir():
                 raise FileNotFoundError(f"data.{split}_images: no such folder {images}")
-            CocoIndex(annotations, images)
+            indexes[split] = CocoIndex(annotations, images)
+            check_files_resolve(f"data.{split}_images", images,
+                                [indexes[split].listed_path(i)
+                                 for i in evenly_spaced(indexes[split].image_ids)],
+                                f"the file names of {annotations}")
+        check_same_categories(indexes["val"], indexes["train"].category_ids,
+                              f"the training json's ({indexes['train'].annotation_file})")
+
+
+# How many of a split's files start-up checks (a stat each; masks are also decoded).
+CHECKED_FILES = 16
+
+
+def evenly_spaced(items: list, count: int = CHECKED_FILES) -> list:
+    """Up to ``count`` items spread over the whole list (first and last included)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def check_files_resolve(field: str, folder: Path, paths: list[str], named_by: str) -> None:
+    """``FileNotFoundError`` naming ``field`` when most of a sample of a split's files are not
+    where the config says (a wrong folder fails every read; a few missing files of a real
+    data set are skipped and counted at run time)."""
+    missing = [path for path in paths if not Path(path).is_file()]
+    if paths and len(missing) * 2 > len(paths):
+        raise FileNotFoundError(
+            f"{field} {folder}: {len(missing)} of {len(paths)} sampled images named by "
+            f"{named_by} are not there (e.g. {missing[0]}); set {field} to the folder that "
+            "holds them")

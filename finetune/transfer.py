@@ -67,3 +67,27 @@ def config_for_checkpoint(cfg: Any, checkpoint: str | Path) -> Any:
         raise ValueError(f"{checkpoint} does not say which encoder it holds: set "
                          "encoder.name (and encoder.overrides)")
     return cfg.model_copy(update={"encoder": encoder})
+
+
+def load_task_weights(module: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | Path,
+                      what: str, spec: ModelSpec | None = None) -> None:
+    """Load a task checkpoint (``--eval-only``) into ``module``, all or nothing; ``ValueError``
+    in one line when its keys or shapes are another model's (``load_state_dict`` would raise a
+    page of size mismatches), saying what the checkpoint records it was built for."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        found = [f"{len(found)} {kind} (e.g. {found[0]})" for kind, found in (
+            ("tensors of other shapes", shapes), ("missing keys", missing),
+            ("unexpected keys", unexpected)) if found]
+        built = ""
+        if spec is not None:  # what the export says it is: the settings to evaluate it with
+            options = {k: v for k, v in spec.options.items() if not isinstance(v, list)}
+            built = (f"; it records a {spec.task or 'model'} on {spec.timm_name} with "
+                     f"{spec.num_classes} classes and {options}")
+        raise ValueError(f"{checkpoint}: not this config's {what}: {', '.join(found)}{built}; "
+                         "evaluate it with the settings that trained it")
+    module.load_state_dict(state)

@@ -11,6 +11,7 @@ used). Older tags beyond ``keep`` are removed after ``latest`` moves on, except 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -25,6 +26,9 @@ from data_tools.files import atomic_torch_save, atomic_write_text
 from pretrain.distributed import barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+# The trainer checkpoints a step before evaluating it, so that checkpoint's client state
+# predates the evaluation; what the evaluation made the best is written beside it.
+BEST_FILE = "best.json"
 
 
 def tag_for(step: int) -> str:
@@ -134,6 +138,15 @@ class Checkpointer:
                 continue
             shutil.rmtree(self.directory / stale, ignore_errors=True)
 
+    def record_best(self, best: dict[str, Any]) -> None:
+        """After the evaluation of the step just checkpointed made it the best: keep that tag
+        (``best``) and, on rank 0, write ``best`` beside it for :meth:`load`."""
+        tag = tag_for(int(best["step"]))
+        self.protected = tag
+        if self.rank == 0 and (self.directory / tag).is_dir():
+            atomic_write_text(self.directory / tag / BEST_FILE, json.dumps(best))
+            atomic_write_text(self.directory / "best", tag)
+
     def load(self, engine: Any) -> tuple[dict, dict] | None:
         """Restore the latest complete checkpoint; ``None`` when there is none."""
         tag = self.latest_tag()
@@ -154,4 +167,7 @@ class Checkpointer:
                 f"{rank_file} is missing: the checkpoint was written by a different world size"
             )
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        best = self.directory / tag / BEST_FILE
+        if best.is_file():  # the evaluation after this checkpoint improved the best
+            client_state = {**client_state, "best": json.loads(best.read_text())}
         return client_state, rank_state

@@ -46,16 +46,16 @@ from data_tools.mixture import ShardSet, draw_shards, drawable_shards
 from data_tools.shard_writer import IMAGE_EXTENSIONS
 from data_tools.workers import die_with_parent
 from pretrain.errors import TrainingAborted
+from pretrain.read_failures import GIVE_UP_AFTER_FAILURES
+from pretrain.read_failures import STREAM_ERROR as _STREAM_ERROR
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # When a shard set is given up on (module docstring). 1000 bad samples in a row from a set
 # whose every drawn shard was read is no longer bad luck: a set with 10% good shards passes
 # 1000 draws without one of them with probability 0.9**1000 (1e-46).
-GIVE_UP_AFTER_SHARDS = 1000
-GIVE_UP_AFTER_FAILURES = 1000
+GIVE_UP_AFTER_SHARDS = 1000  # GIVE_UP_AFTER_FAILURES: pretrain.read_failures
 _SET_KEY = "__set__"  # which set of the mixture a raw sample was drawn from
-_STREAM_ERROR = "stream_error"  # the one item a worker yields when its stream cannot go on
 
 
 def ordered_dataset(pattern: str) -> wds.WebDataset:
@@ -397,7 +397,13 @@ class TrainLoader:
             # it leaves training's stream (dropout, drop path) where an uninterrupted run has it.
             with torch.random.fork_rng(devices=[]):
                 self._iterator = iter(self.loader)
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except Exception:
+            # The exception's traceback holds the iterator, so dropping our reference would
+            # not stop the workers, and the interpreter's exit would wait on them for ever.
+            self.close()
+            raise
         if _STREAM_ERROR in batch:
             self.close()
             raise _aborted(batch[_STREAM_ERROR])
@@ -411,8 +417,16 @@ class TrainLoader:
     def close(self) -> None:
         """Stop the data workers. Needed because they ignore SIGTERM: left running, they would
         block the interpreter's exit, which joins its child processes."""
-        # Dropping the last reference runs the DataLoader iterator's worker shutdown.
-        self._iterator = None
+        iterator, self._iterator = self._iterator, None
+        # What dropping the last reference would run, now even while an exception's traceback
+        # still holds the iterator (torch's worker shutdown: a stop message, a bounded join,
+        # then SIGTERM, which they ignore); a worker still busy after that is killed.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+            for worker in getattr(iterator, "_workers", []):
+                if worker.is_alive():
+                    worker.kill()
 
 
 def _aborted(message: str) -> Exception:

@@ -36,8 +36,9 @@ from pretrain.data import StreamState
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.errors import TrainingAborted
 from pretrain.host_memory import keep_freed_host_memory
-from pretrain.metrics import MetricsLogger, peak_memory_gb
+from pretrain.metrics import MetricsLogger, peak_memory_gb, write_eval_json
 from pretrain.schedule import resolve_schedule
+from pretrain.skipped import SKIPPED_FILE
 from pretrain.task import Batch, Evaluator, LossOutput, Task, run_evaluation
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -136,6 +137,8 @@ class Trainer:
                                      enabled=self.is_main, resume_step=self.step)
         self.flops_per_sample = task.flops_per_sample() if self.is_main else 0.0
         self._stop_signal: int | None = None
+        self.exported = False
+        self._skips_noted = False
         for signum in PREEMPTION_SIGNALS:
             signal.signal(signum, self._request_stop)
 
@@ -183,8 +186,8 @@ class Trainer:
         finally:
             self.loader.close()
             self.metrics.close()
-        if outcome == "completed" and self.is_main:
-            self.export()
+        if outcome == "completed" and self.is_main and not self.exported:
+            self.export()  # a run resumed after its last step (killed before exporting)
         distributed.barrier()
         return outcome
 
@@ -206,16 +209,28 @@ class Trainer:
                     record = self._log_record(window)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     self.metrics.log(record)
+                    self._point_to_skip_list(record["skipped_samples"])
                     window = _Window()
-                improved = self._maybe_evaluate(last)
+                due = self._evaluation_due(last)
+                if stop or due or self.step % cfg.checkpoint.every == 0 or last:
+                    self.save()  # before evaluating: a failed evaluation loses no training
+                if last and self.is_main:
+                    self.export()  # before the final evaluation, for the same reason
+                if due:
+                    self._evaluate_and_log(last)
                 if stop:
-                    self.save()
                     return "preempted"
-                if improved or self.step % cfg.checkpoint.every == 0 or last:
-                    self.save()
         finally:
             bar.close()
         return "completed"
+
+    def _point_to_skip_list(self, skipped: int) -> None:
+        """Once per run, when training first skips something, say where files are listed."""
+        if skipped and self.is_main and not self._skips_noted:
+            self._skips_noted = True
+            print(f"step {self.step}: {skipped} training samples skipped so far (counted as "
+                  f"skipped_samples in metrics.jsonl; unreadable files are listed in "
+                  f"{self.run_dir / SKIPPED_FILE})", flush=True)
 
     def train_step(self, window: _Window) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
         """One optimizer step over ``grad_accum`` finite micro-batches.
@@ -279,21 +294,40 @@ class Trainer:
                 for key, value in batch.items()}
 
     # ------------------------------------------------------------------ evaluation
-    def _maybe_evaluate(self, last: bool) -> bool:
-        """Evaluate when due; returns whether the configured best metric improved."""
+    def _evaluation_due(self, last: bool) -> bool:
         every = self.cfg.eval.every
-        if self.evaluator is None or not (last or (every and self.step % every == 0)):
-            return False
-        results = self.evaluate()
-        improved = self._track_best(results)
+        return self.evaluator is not None and (last or bool(every and self.step % every == 0))
+
+    def _evaluate_and_log(self, last: bool) -> None:
+        """Evaluate the step just checkpointed (and, if last, exported). A data error ends
+        the run in one line that says what was kept and how to evaluate it again."""
+        try:
+            results = self.evaluate()
+        except (ValueError, OSError) as error:
+            raise TrainingAborted(f"evaluation at step {self.step} failed: "
+                                  f"{' '.join(str(error).split())}; {self._kept(last)}") from None
+        if self._track_best(results):
+            self.checkpointer.record_best(self.best)
         record = {"step": self.step, **{f"eval/{k}": v for k, v in results.items()}}
         if self.best is not None:
             record[f"eval/best_{self.best['metric']}"] = self.best["value"]
         self.metrics.log(record)
         if self.is_main:
-            atomic_write_text(self.run_dir / "eval.json", json.dumps(
-                {"step": self.step, "results": results, "best": self.best}, indent=2))
-        return improved
+            write_eval_json(self.run_dir, {"step": self.step, "results": results,
+                                           "best": self.best})
+            if results.get("skipped"):
+                print(f"step {self.step}: {results['skipped']} validation files could not be "
+                      f"read, listed in {self.run_dir / SKIPPED_FILE}", flush=True)
+
+    def _kept(self, last: bool) -> str:
+        """What a failed evaluation leaves, and how to evaluate it again."""
+        checkpoint = self.checkpointer.directory / tag_for(self.step)
+        export = self.task.eval_only_file(self.run_dir / "export")
+        if last and export is not None:
+            return (f"training is complete and kept ({checkpoint}, {export}): fix the "
+                    f"validation data and evaluate only, with --eval-only {export}")
+        return (f"the training so far is kept ({checkpoint}): fix the validation data and "
+                "re-run the same command to resume from there")
 
     def evaluate(self) -> dict[str, Any]:
         """Every rank evaluates its slice and the evaluators reduce (see
@@ -330,6 +364,7 @@ class Trainer:
         out = self.run_dir / "export"
         out.mkdir(parents=True, exist_ok=True)
         self.task.export(state, out)
+        self.exported = True
 
     def _log_record(self, window: _Window) -> dict[str, Any]:
         names = sorted(window.part_sums)

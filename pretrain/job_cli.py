@@ -109,7 +109,7 @@ def _evaluate_only(evaluate: Callable[[Cfg, Path, Path], dict[str, Any]] | None,
     if evaluate is None:
         print(f"--eval-only: {kind} jobs have no evaluation-only mode", file=sys.stderr)
         return 2
-    if not checkpoint.is_file():
+    if not checkpoint.exists():  # a file, or a folder (a timm export)
         print(f"input error: --eval-only: no such file {checkpoint}", file=sys.stderr)
         return 2
     try:

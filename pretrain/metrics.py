@@ -7,6 +7,7 @@ a network; ``wandb sync`` uploads it later.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -18,6 +19,29 @@ from typing import Any
 import torch
 
 from data_tools.files import atomic_write_text
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (also inside dicts and lists) as ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def strict_json(value: Any, **dumps_kwargs: Any) -> str:
+    """JSON that strict readers accept: a value that is not a number (a class absent from a
+    split has no IoU) is written as ``null``, never as a bare ``NaN``."""
+    return json.dumps(finite_or_null(value), allow_nan=False, **dumps_kwargs)
+
+
+def write_eval_json(run_dir: Path | str, payload: dict[str, Any]) -> None:
+    """``RUN_DIR/eval.json`` (every job's evaluation record), strict JSON, written atomically."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(run_dir) / "eval.json", strict_json(payload, indent=2))
 
 
 def peak_memory_gb() -> float:
@@ -65,7 +89,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with self.path.open("a") as stream:
-            stream.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            stream.write(strict_json({**record, "time": round(time.time(), 3)}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["step"])
 

@@ -24,6 +24,7 @@ from torch import nn
 from data_tools.mixture import ShardSet
 from pretrain.config import JobConfig
 from pretrain.data import StreamState, TrainLoader
+from pretrain.skipped import SkipLog
 
 Batch = dict[str, Any]
 LossOutput = dict[str, torch.Tensor]  # "loss" (what is minimised) + named parts, all scalars
@@ -95,6 +96,16 @@ class Task(ABC):
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Rank 0, after the last checkpoint: write the deliverable from the consolidated fp32
         weights of the module (keys as in ``build_module().state_dict()``)."""
+
+    def eval_only_file(self, export_dir: Path) -> Path | None:
+        """The export ``--eval-only`` evaluates, if the job has that mode (named in the message
+        of a failed final evaluation)."""
+        return None
+
+    def skip_log(self, rank: int) -> SkipLog:
+        """Where this rank's streams list the files they skip (``RUN_DIR/skipped.jsonl``;
+        nowhere before the trainer sets :attr:`run_dir`)."""
+        return SkipLog(self.run_dir, rank)
 
     def epoch_samples(self) -> int | None:
         """Samples in one epoch of the training data (for schedules in epochs), if known."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from finetune.detection.data import (
     aspect_group,
 )
 from pretrain.data import StreamState, TrainLoader
+from pretrain.errors import TrainingAborted
+from pretrain.skipped import SkipLog, read_skipped
 
 
 @pytest.fixture(scope="module")
@@ -231,12 +234,34 @@ def test_unreadable_images_are_skipped_and_counted(coco: Path, tmp_path: Path) -
 
 
 def test_a_folder_of_unreadable_images_aborts(coco: Path, tmp_path: Path) -> None:
+    """In a real DataLoader worker: one line naming the split and its first files, within
+    seconds, the worker stopped, every failure in the skip list (issue 23: a RuntimeError in
+    the worker left the job waiting on it for ever)."""
     root = tmp_path / "coco"
     shutil.copytree(coco, root)
     for path in (root / "train2017").iterdir():
         path.write_bytes(b"broken")
-    with pytest.raises(RuntimeError, match="1000 images in a row"):
-        next(iter(_stream(_index(root), StreamState.fresh(1), policy="none")))
+    index = _index(root)
+    stream = CocoTrainStream(index, _augment("none"), 2, seed=7, rank=0, world_size=1,
+                             num_workers=1, state=StreamState.fresh(1),
+                             source="data.train_images X", skips=SkipLog(tmp_path / "run"))
+    loader = TrainLoader(stream, 1)
+    started = time.monotonic()
+    with pytest.raises(TrainingAborted) as raised:
+        next(loader)
+    assert time.monotonic() - started < 30
+    message = str(raised.value)
+    assert "\n" not in message
+    files = len(index.training_image_ids())  # a split smaller than 1000 gives up sooner
+    assert message.startswith(f"data.train_images X: the last {files} images read all failed "
+                              "to decode (the train split; first ")
+    assert str(index.image_path(index.training_image_ids()[0]).parent) in message
+    assert "UnidentifiedImageError" in message
+    assert loader._iterator is None  # the worker was shut down
+    listed = read_skipped(tmp_path / "run")
+    paths = [r["path"] for r in listed]
+    assert len(set(paths)) == len(paths) >= files // 2  # each file listed once
+    assert {r["split"] for r in listed} == {"train"}
 
 
 def test_validation_covers_every_image_once_at_its_size(coco: Path) -> None:

@@ -31,3 +31,21 @@ def test_no_run_dir_writes_nothing(tmp_path, monkeypatch):
     SkipLog(None).record("val", "a.jpg", "unreadable")
     assert not (tmp_path / SKIPPED_FILE).exists()
     assert read_skipped(tmp_path) == []
+
+
+def _record_once_twice(run_dir: str) -> None:
+    log = SkipLog(run_dir, rank=1)
+    log.record_once("val", "/data/val/3.jpg", "truncated")
+    log.record_once("val", "/data/val/3.jpg", "truncated")
+
+
+def test_a_file_met_at_every_evaluation_is_listed_once(tmp_path):
+    log = SkipLog(tmp_path)
+    log.record_once("val", "/data/val/3.jpg", "truncated")
+    log.record_once("val", "/data/val/3.jpg", "truncated")  # the next evaluation, same process
+    worker = mp.get_context("fork").Process(target=_record_once_twice, args=(str(tmp_path),))
+    worker.start()  # a data worker of a later evaluation, forked afresh
+    worker.join()
+    log.record_once("train", "/data/val/3.jpg", "truncated")  # another split is another entry
+    assert [(r["split"], r["path"]) for r in read_skipped(tmp_path)] == [
+        ("val", "/data/val/3.jpg"), ("train", "/data/val/3.jpg")]

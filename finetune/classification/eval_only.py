@@ -18,7 +18,6 @@ Each rank scores its slice of ``data.val`` (shards or an ImageFolder); the count
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from data_tools.files import atomic_write_text
 from finetune.classification.data import (
     LabelledImageDecoder,
     classification_transform,
@@ -39,6 +37,7 @@ from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationConfig
 from pretrain import distributed
 from pretrain.eval_data import SlicedSplit, sliced_loader
+from pretrain.metrics import write_eval_json
 from pretrain.models.spec import ModelSpec, read_spec
 from pretrain.models.timm_export import CONFIG_FILE
 from pretrain.models.weights import load_encoder_weights
@@ -122,7 +121,5 @@ def evaluate_checkpoint(cfg: ClassificationConfig, checkpoint: Path, run_dir: Pa
 
     results = run_evaluation(evaluator, module, to_device)
     if rank == 0:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(run_dir) / "eval.json", json.dumps(
-            {"checkpoint": str(checkpoint), "results": results}, indent=2))
+        write_eval_json(run_dir, {"checkpoint": str(checkpoint), "results": results})
     return results

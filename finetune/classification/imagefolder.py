@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.imagefolder import ImageFolderIndex
-from pretrain.data import GIVE_UP_AFTER_FAILURES, StreamState, WorkerPosition, decode_image
-
-_STREAM_ERROR = "stream_error"  # the item TrainLoader raises as TrainingAborted (pretrain.data)
+from pretrain.data import StreamState, WorkerPosition, decode_image
+from pretrain.read_failures import FailureStreak, failure_reason, stream_error
+from pretrain.skipped import SkipLog
 
 
 def decode_file(index: ImageFolderIndex, item: int) -> Any:
@@ -50,7 +50,8 @@ class ImageFolderStream(IterableDataset):
     def __init__(self, index: ImageFolderIndex, transform: Callable,
                  collate: Callable[[list[tuple]], dict[str, torch.Tensor]], batch_size: int,
                  seed: int, rank: int, world_size: int, num_workers: int,
-                 state: StreamState) -> None:
+                 state: StreamState, source: str | None = None,
+                 skips: SkipLog | None = None) -> None:
         super().__init__()
         if len(state.workers) != max(1, num_workers):
             raise ValueError("stream state was saved with a different number of data workers")
@@ -59,6 +60,7 @@ class ImageFolderStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.state = state
+        self.source, self.skips = source or str(index.root), skips
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def _logical_worker(self) -> int:
@@ -92,19 +94,20 @@ class ImageFolderStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = self._logical_worker()
         start = self.state.workers[worker]
-        consumed, bad, bad_in_a_row = start.consumed, start.bad_samples, 0
+        consumed, bad = start.consumed, start.bad_samples
+        streak = FailureStreak("train", self.source, len(self.index), self.skips)
         decoded: list[tuple] = []
         while True:
             item = self.item(worker, consumed)
             consumed += 1
             try:
                 decoded.append(self._decode_seeded(item, worker, consumed - 1))
-                bad_in_a_row = 0
-            except Exception:  # an unreadable image is skipped and counted, never fatal
-                bad, bad_in_a_row = bad + 1, bad_in_a_row + 1
-                if bad_in_a_row >= min(GIVE_UP_AFTER_FAILURES, len(self.index)):
-                    yield {_STREAM_ERROR: f"{self.index.root}: the last {bad_in_a_row} images "
-                                          "read all failed to decode"}
+                streak.succeeded()
+            except Exception as error:  # an unreadable image is skipped and counted, never fatal
+                bad += 1
+                message = streak.failed(self.index.path(item), error)
+                if message is not None:
+                    yield stream_error(message)
                     return
                 continue
             if len(decoded) == self.batch_size:
@@ -114,33 +117,46 @@ class ImageFolderStream(IterableDataset):
 
 
 class ImageFolderSplit(IterableDataset):
-    """This rank's validation batches of an ImageFolder (``{"image", "label", "skipped"}``)."""
+    """This rank's validation batches of an ImageFolder (``{"image", "label", "skipped"}``);
+    each worker holds its last batch back until its slice ends, so that batch carries the
+    images skipped after it too. Every unreadable image is listed in ``skips``."""
 
     def __init__(self, index: ImageFolderIndex, transform: Callable,
                  collate: Callable[[list[tuple]], dict[str, torch.Tensor]], batch_size: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, skips: SkipLog | None = None) -> None:
         super().__init__()
         self.index, self.transform, self.collate = index, transform, collate
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.skips = skips or SkipLog(None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slots = self.world_size * workers
         items: list[tuple] = []
-        skipped = 0  # since the last batch, which carries the count
+        pending: dict[str, Any] | None = None
+        skipped = 0  # since the last batch handed out
         for item in range(self.rank * workers + worker, len(self.index), slots):
             try:
                 image = self.transform(decode_file(self.index, item))
-            except Exception:  # counted in the evaluation's "skipped", never fatal
+            except Exception as error:  # counted in the evaluation's "skipped", never fatal
+                self.skips.record_once("val", str(self.index.path(item)), failure_reason(error))
                 skipped += 1
                 continue
             items.append((image, int(self.index.labels[item])))
             if len(items) == self.batch_size:
-                yield {**self.collate(items), "skipped": skipped}
-                items, skipped = [], 0
+                if pending is not None:
+                    yield {**pending, "skipped": skipped}
+                    skipped = 0
+                pending, items = self.collate(items), []
         if items:
-            yield {**self.collate(items), "skipped": skipped}
+            if pending is not None:
+                yield {**pending, "skipped": skipped}
+                skipped = 0
+            pending = self.collate(items)
+        if pending is not None:
+            yield {**pending, "skipped": skipped}
         elif skipped:
-            print(f"rank {self.rank} worker {worker}: the last {skipped} validation images of "
-                  "this slice could not be decoded (not counted in 'skipped')", flush=True)
+            print(f"rank {self.rank} worker {worker}: none of the {skipped} validation images "
+                  "of this slice could be decoded (listed in the run's skipped.jsonl, not "
+                  "counted in 'skipped')", flush=True)

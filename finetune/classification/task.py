@@ -163,7 +163,8 @@ class ClassificationTask(Task):
 
             folder = ImageFolderStream(
                 self.train_index, self._train_transform(), collate_labelled, data.batch_size,
-                self.cfg.train.seed, rank, distributed.world_size(), data.workers, state)
+                self.cfg.train.seed, rank, distributed.world_size(), data.workers, state,
+                source=f"data.train {data.train}", skips=self.skip_log(rank))
             return TrainLoader(folder, data.workers)
         stream = ResumableStream(
             shard_sets=self.shard_sets,
@@ -190,7 +191,8 @@ class ClassificationTask(Task):
         transform = classification_transform(data, training=False)
         if data.layout == "imagefolder":
             split = ImageFolderSplit(imagefolder_index(data, "val"), transform,
-                                     collate_labelled, self.cfg.eval.batch_size, rank, world_size)
+                                     collate_labelled, self.cfg.eval.batch_size, rank, world_size,
+                                     self.skip_log(rank))
         else:
             split = SlicedSplit(data.val, LabelledImageDecoder(data, transform),
                                 collate_labelled, self.cfg.eval.batch_size, rank, world_size)
@@ -215,6 +217,9 @@ class ClassificationTask(Task):
         from finetune.classification.eval_only import evaluate_checkpoint
 
         return evaluate_checkpoint(cfg, checkpoint, run_dir)
+
+    def eval_only_file(self, export_dir: Path) -> Path | None:
+        return export_dir / "classifier.pt"
 
     def flops_per_sample(self) -> float:
         num_classes = self.cfg.data.num_classes

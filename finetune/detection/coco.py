@@ -168,6 +168,10 @@ class CocoIndex:
         image = self._images[image_id]
         return image["height"], image["width"]
 
+    def listed_path(self, image_id: int) -> str:
+        """``image_root / file_name`` as text, unchecked: for messages and the skip list."""
+        return str(self.image_root / self._images[image_id]["file_name"])
+
     def image_path(self, image_id: int) -> Path:
         """``image_root / file_name``; a ``file_name`` that is absolute or climbs out of the
         image root is refused, so a hostile json cannot make the loader read other files."""

@@ -37,6 +37,8 @@ from finetune.detection.coco import CocoIndex
 from finetune.segmentation.data import FolderStream, _item_seed, _randint, _uniform, read_image
 from finetune.segmentation.inference import rescaled_size
 from pretrain.data import StreamState, WorkerPosition
+from pretrain.read_failures import failure_reason, stream_error
+from pretrain.skipped import SkipLog
 
 Target = dict[str, torch.Tensor]
 POLICIES = ("multiscale", "crop", "none")
@@ -177,14 +179,18 @@ class CocoTrainStream(FolderStream):
 
     def __init__(self, index: CocoIndex, augment: DetectionAugment, batch_size: int, seed: int,
                  rank: int, world_size: int, num_workers: int, state: StreamState,
-                 group_by_aspect: bool = True) -> None:
+                 group_by_aspect: bool = True, source: str = "the training images",
+                 skips: SkipLog | None = None) -> None:
         image_ids = index.training_image_ids()
         if not image_ids:
             raise ValueError(f"{index.annotation_file}: no image has a usable (non-crowd, "
                              "non-empty) object to train on")
         super().__init__(image_ids, LoadCocoImage(index), augment, batch_size, seed, rank,
-                         world_size, num_workers, state)
+                         world_size, num_workers, state, source, skips)
         self.index, self.group_by_aspect = index, group_by_aspect
+
+    def item_path(self, image_id: int) -> Any:
+        return self.index.listed_path(image_id)
 
     def _group(self, index: int) -> int:
         return aspect_group(*self.index.image_size(self.sample_at(index))) \
@@ -195,7 +201,7 @@ class CocoTrainStream(FolderStream):
         slots = self.world_size * self.num_workers
         slot = self.rank * self.num_workers + worker
         start = self.state.workers[worker]
-        bad, bad_in_a_row = start.bad_samples, 0
+        bad, streak = start.bad_samples, self.failure_streak()
         groups: tuple[list[int], list[int]] = ([], [])
         for taken in range(start.consumed):  # replay the grouping up to the resume point
             group = groups[self._group(taken * slots + slot)]
@@ -212,17 +218,19 @@ class CocoTrainStream(FolderStream):
                 continue
             images, targets = [], []
             for member in group:
+                image_id = self.sample_at(member)
                 try:
-                    image, target = self.load(self.sample_at(member))
+                    image, target = self.load(image_id)
                     generator = torch.Generator().manual_seed(_item_seed(self.seed, member))
                     image, target = self.augment(image, target, generator)
-                except Exception:  # an unreadable image is skipped and counted
-                    bad, bad_in_a_row = bad + 1, bad_in_a_row + 1
-                    if bad_in_a_row >= 1000:
-                        raise RuntimeError(f"rank {self.rank}: 1000 images in a row could "
-                                           "not be read; check the image folder") from None
+                except Exception as error:  # an unreadable image is skipped and counted
+                    bad += 1
+                    message = streak.failed(self.item_path(image_id), error)
+                    if message is not None:
+                        yield stream_error(message)
+                        return
                     continue
-                bad_in_a_row = 0
+                streak.succeeded()
                 images.append(image)
                 targets.append(target)
             group.clear()
@@ -235,25 +243,31 @@ class CocoTrainStream(FolderStream):
 class CocoValSplit(IterableDataset):
     """This rank's validation images, one per batch at the original size: ``images``
     ([uint8 (3, H, W)]), ``image_id`` (a one-element tensor) and ``skipped`` (unreadable
-    images since the last batch, as :class:`finetune.segmentation.data.FolderSplit`)."""
+    images, counted and listed in ``skips`` as :class:`finetune.segmentation.data.FolderSplit`
+    does)."""
 
-    def __init__(self, index: CocoIndex, rank: int, world_size: int) -> None:
+    def __init__(self, index: CocoIndex, rank: int, world_size: int,
+                 skips: SkipLog | None = None) -> None:
         super().__init__()
         self.index, self.rank, self.world_size = index, rank, world_size
+        self.skips = skips or SkipLog(None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slots, slot = self.world_size * workers, self.rank * workers + worker
-        skipped = 0
+        skipped, pending = 0, None
         for image_id in self.index.image_ids[slot::slots]:
             try:
                 image = read_coco_image(self.index, image_id)
-            except Exception:  # an unreadable image is counted, never fatal
+            except Exception as error:  # an unreadable image is counted and listed
+                self.skips.record_once("val", self.index.listed_path(image_id),
+                                       failure_reason(error))
                 skipped += 1
                 continue
-            yield {"images": [image], "image_id": torch.tensor([image_id]), "skipped": skipped}
-            skipped = 0
-        if skipped:  # no later image of this slice carries the count
-            print(f"rank {self.rank} worker {worker}: the last {skipped} validation images of "
-                  "this slice could not be read", flush=True)
+            if pending is not None:  # held back one image: the last carries the last skips
+                yield {**pending, "skipped": skipped}
+                skipped = 0
+            pending = {"images": [image], "image_id": torch.tensor([image_id])}
+        if pending is not None:
+            yield {**pending, "skipped": skipped}

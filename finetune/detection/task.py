@@ -9,7 +9,6 @@ layer-wise lr decay over the encoder optional (``encoder.layer_decay``), the hea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,33 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-from data_tools.files import atomic_torch_save, atomic_write_text
+from data_tools.files import atomic_torch_save
 from finetune.config import DetectionConfig
 from finetune.detection.coco import CocoIndex
 from finetune.detection.data import CocoTrainStream, CocoValSplit, DetectionAugment
 from finetune.detection.evaluate import DetectionEvaluator
 from finetune.detection.models import DetectionModule, build_detector
 from finetune.segmentation.models import average_batchnorm_statistics
-from finetune.transfer import config_for_checkpoint, resolve_spec
+from finetune.transfer import config_for_checkpoint, load_task_weights, resolve_spec
 from pretrain.data import StreamState, TrainLoader
 from pretrain.eval_data import sliced_loader
-from pretrain.models.spec import SPEC_KEY, ModelSpec
+from pretrain.metrics import write_eval_json
+from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
 from pretrain.models.weights import read_state_dict
 from pretrain.task import Evaluator, Task
+
+
+def check_same_categories(index: CocoIndex, category_ids: list[int], source: str) -> None:
+    """``ValueError`` in one line when a validation json's categories are not ``source``'s
+    (labels would map to other classes)."""
+    if list(index.category_ids) != list(category_ids):
+        extra = sorted(set(index.category_ids) - set(category_ids))
+        absent = sorted(set(category_ids) - set(index.category_ids))
+        raise ValueError(f"data.val_annotations {index.annotation_file}: its category ids "
+                         f"differ from {source}: {len(extra)} only in it (e.g. {extra[:3]}), "
+                         f"{len(absent)} missing from it (e.g. {absent[:3]}); validation must "
+                         "list the same categories (the original instances_val json does)")
+
 
 BACKBONE_PREFIX = "detector.backbone.body.body."  # the encoder trunk inside DetectionModule
 EXPORT_NAME = "detector.pt"
@@ -49,17 +62,25 @@ class DetectionTask(Task):
     autocast = True
     cfg: DetectionConfig
 
-    def __init__(self, cfg: DetectionConfig) -> None:
+    def __init__(self, cfg: DetectionConfig,
+                 categories: tuple[list[int], str] | None = None) -> None:
+        """``categories``: (category ids, where they come from) when the training json is not
+        read (``--eval-only``: the checkpoint or the validation json says)."""
         super().__init__(cfg)
         encoder, data = cfg.encoder, cfg.data
         self.spec = resolve_spec(encoder.weights, encoder.name, encoder.overrides)
-        self.train_index = CocoIndex(data.path(data.train_annotations),
-                                     data.path(data.train_images))
-        self.train_ids = self.train_index.training_image_ids()
-        if not self.train_ids:
-            raise ValueError(f"{data.path(data.train_annotations)}: no image has a usable "
-                             "(non-crowd, non-degenerate) annotation")
-        self.num_classes = self.train_index.num_classes
+        self.train_index: CocoIndex | None = None
+        if categories is None:
+            self.train_index = CocoIndex(data.path(data.train_annotations),
+                                         data.path(data.train_images))
+            self.train_ids = self.train_index.training_image_ids()
+            if not self.train_ids:
+                raise ValueError(f"{data.path(data.train_annotations)}: no image has a usable "
+                                 "(non-crowd, non-degenerate) annotation")
+            categories = (self.train_index.category_ids,
+                          f"the training json's ({self.train_index.annotation_file})")
+        self.category_ids, self.categories_from = list(categories[0]), categories[1]
+        self.num_classes = len(self.category_ids)
 
     def build_module(self) -> nn.Module:
         from pretrain import distributed
@@ -109,20 +130,20 @@ class DetectionTask(Task):
                                    data.crop_scales, data.crop_size)
         stream = CocoTrainStream(self.train_index, augment, data.batch_size,
                                  self.cfg.train.seed, rank, distributed.world_size(),
-                                 data.workers, state, group_by_aspect=data.group_by_aspect)
+                                 data.workers, state, group_by_aspect=data.group_by_aspect,
+                                 source=f"data.train_images {data.path(data.train_images)}",
+                                 skips=self.skip_log(rank))
         return TrainLoader(stream, data.workers)
 
     def val_index(self) -> CocoIndex:
         data = self.cfg.data
         index = CocoIndex(data.path(data.val_annotations), data.path(data.val_images))
-        if index.category_ids != self.train_index.category_ids:
-            raise ValueError(f"{index.annotation_file}: its categories differ from the "
-                             f"training json's ({self.train_index.annotation_file})")
+        check_same_categories(index, self.category_ids, self.categories_from)
         return index
 
     def evaluator(self, rank: int, world_size: int) -> Evaluator:
         index = self.val_index()
-        split = CocoValSplit(index, rank, world_size)
+        split = CocoValSplit(index, rank, world_size, self.skip_log(rank))
         results = None if self.run_dir is None else self.run_dir / RESULTS_NAME
         return DetectionEvaluator(sliced_loader(split, self.cfg.data.workers), index,
                                   self.cfg, results)
@@ -143,6 +164,9 @@ class DetectionTask(Task):
         atomic_torch_save({"state_dict": state_dict, SPEC_KEY: self.export_spec().to_dict()},
                           out_dir / EXPORT_NAME)
 
+    def eval_only_file(self, export_dir: Path) -> Path | None:
+        return export_dir / EXPORT_NAME
+
     def export_spec(self) -> ModelSpec:
         index = self.train_index
         return ModelSpec(self.spec.timm_name, self.spec.overrides,
@@ -161,22 +185,25 @@ class DetectionTask(Task):
         from pretrain.engine import move_to_device
         from pretrain.task import run_evaluation
 
-        task = cls(config_for_checkpoint(cfg, checkpoint))
+        spec = read_spec(checkpoint)
+        recorded = spec.options.get("category_ids") if spec is not None else None
+        if recorded is not None:
+            categories = (recorded, f"those {checkpoint} was trained on")
+        else:  # a detector without our spec: the validation json's classes, in its order
+            data = cfg.data
+            categories = (CocoIndex(data.path(data.val_annotations),
+                                    data.path(data.val_images)).category_ids,
+                          "the validation json's")
+        task = cls(config_for_checkpoint(cfg, checkpoint), categories)
         task.run_dir = run_dir
         distributed.init_distributed(cfg.deepspeed.backend)
         module = build_detection_module(task.cfg, task.spec, None, task.num_classes)
-        missing, unexpected = module.load_state_dict(read_state_dict(checkpoint), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{checkpoint}: not this config's detector ({len(missing)} "
-                             f"missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
-                             f"e.g. {unexpected[:2]})")
+        load_task_weights(module, read_state_dict(checkpoint), checkpoint, "detector", spec)
         device = distributed.collective_device()
         module.to(device)
         results = run_evaluation(task.evaluator(distributed.rank(), distributed.world_size()),
                                  module, lambda batch: move_to_device(batch, device, None))
         if distributed.rank() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "eval.json", json.dumps(
-                {"checkpoint": str(checkpoint), "results": results}, indent=2))
+            write_eval_json(run_dir, {"checkpoint": str(checkpoint), "results": results})
         distributed.barrier()
         return results

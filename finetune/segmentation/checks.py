@@ -19,7 +19,7 @@ def check_segmentation_inputs(cfg: SegmentationConfig) -> None:
 
     data = cfg.data
     for split in (data.train_split, data.val_split):
-        list_samples(data.root, split, data.image_dir, data.label_dir)
+        check_masks(cfg, list_samples(data.root, split, data.image_dir, data.label_dir))
     encoder = cfg.encoder
     weights = encoder.weights
     if weights is None or not Path(weights).is_file():
@@ -41,3 +41,19 @@ def check_segmentation_inputs(cfg: SegmentationConfig) -> None:
         lines = str(error).splitlines()
         raise ValueError(f"encoder.weights {lines[0]} "
                          f"{'; '.join(line.strip() for line in lines[1:4])}") from None
+
+
+def check_masks(cfg: SegmentationConfig, samples: list) -> None:
+    """Labels fit ``data.num_classes`` (after ``reduce_zero_label``) on a sample of the split's
+    masks, so a forgotten ``reduce_zero_label`` or a wrong class count stops ``--check``
+    instead of the first training step (``ValueError`` naming the mask and the fields)."""
+    from finetune.segmentation.data import LoadPair
+    from finetune.tasks import evenly_spaced
+
+    data = cfg.data
+    load = LoadPair(data.reduce_zero_label, data.ignore_index, data.num_classes)
+    for _, mask in evenly_spaced(samples):
+        try:
+            load.read_label(mask)
+        except OSError:
+            continue  # an unreadable mask is skipped and counted at run time, not fatal

@@ -33,6 +33,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.segmentation.inference import rescaled_size
 from pretrain.data import StreamState, WorkerPosition
+from pretrain.read_failures import FailureStreak, failure_reason, stream_error
+from pretrain.skipped import SkipLog
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 Sample = tuple[Path, Path]  # image file, annotation file
@@ -89,20 +91,48 @@ def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return TF.normalize(image.float() / 255.0, list(mean), list(std))
 
 
-class LoadPair:
-    """(image file, annotation file) -> (uint8 image, label after the dataset's reduction)."""
+def check_label_values(path: Path, label: torch.Tensor, num_classes: int, ignore_index: int,
+                       reduced: bool) -> None:
+    """``ValueError`` naming the mask and the config fields when a (reduced) label is neither
+    a class of ``data.num_classes`` nor ``data.ignore_index`` (cross-entropy would stop the
+    run with a device-side index error), with the ``reduce_zero_label`` hint when that fits."""
+    wrong = label[(label != ignore_index) & ((label < 0) | (label >= num_classes))]
+    if not wrong.numel():
+        return
+    hint = ""
+    if not reduced and int(wrong.max()) == num_classes:
+        hint = ("; masks with 0 = 'other' and classes 1..K (ADE20K) need "
+                "data.reduce_zero_label: true")
+    after = " after reduce_zero_label" if reduced else ""
+    raise ValueError(f"{path}: label {int(wrong.max())} is not a class of data.num_classes "
+                     f"{num_classes} (0..{num_classes - 1}{after}) nor data.ignore_index "
+                     f"{ignore_index}{hint}")
 
-    def __init__(self, reduce_zero: bool, ignore_index: int) -> None:
+
+class LoadPair:
+    """(image file, annotation file) -> (uint8 image, label after the dataset's reduction);
+    with ``num_classes``, a label outside the classes raises (:func:`check_label_values`)."""
+
+    def __init__(self, reduce_zero: bool, ignore_index: int,
+                 num_classes: int | None = None) -> None:
         self.reduce_zero, self.ignore_index = reduce_zero, ignore_index
+        self.num_classes = num_classes
 
     def __call__(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = read_image(sample[0]), read_label(sample[1])
+        image, label = read_image(sample[0]), self.read_label(sample[1])
         if image.shape[-2:] != label.shape:
             raise ValueError(f"{sample[1]}: mask {tuple(label.shape)} vs image "
                              f"{tuple(image.shape[-2:])}")
+        return image, label
+
+    def read_label(self, path: Path) -> torch.Tensor:
+        label = read_label(path)
         if self.reduce_zero:
             label = reduce_zero_label(label, self.ignore_index)
-        return image, label
+        if self.num_classes is not None:
+            check_label_values(path, label, self.num_classes, self.ignore_index,
+                               self.reduce_zero)
+        return label
 
 
 class TrainAugment:
@@ -208,11 +238,16 @@ def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, t
 
 
 class FolderStream(IterableDataset):
-    """Endless, exactly resumable training batches for one rank (module docstring)."""
+    """Endless, exactly resumable training batches for one rank (module docstring).
+
+    An unreadable item is skipped, counted and listed in ``skips``; when every read fails
+    (:class:`pretrain.read_failures.FailureStreak`) the stream yields one error item naming
+    ``source`` (the config field of the split) instead of a batch, and ends."""
 
     def __init__(self, samples: list[Sample], load: Callable[[Sample], tuple],
                  augment: TrainAugment, batch_size: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, state: StreamState) -> None:
+                 world_size: int, num_workers: int, state: StreamState,
+                 source: str = "the training split", skips: SkipLog | None = None) -> None:
         super().__init__()
         if len(state.workers) != max(1, num_workers):
             raise ValueError("stream state was saved with a different number of data workers")
@@ -221,6 +256,15 @@ class FolderStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.state = state
+        self.source, self.skips = source, skips
+
+    def failure_streak(self) -> FailureStreak:
+        return FailureStreak("train", self.source, len(self.samples), self.skips)
+
+    @staticmethod
+    def item_path(sample: Any) -> Any:
+        """The file an item names, for the skip list (the image of an (image, mask) pair)."""
+        return sample[0] if isinstance(sample, tuple) else sample
 
     def _logical_worker(self) -> int:
         # TrainLoader hands out batches round-robin from physical worker 0; after a resume at
@@ -242,23 +286,25 @@ class FolderStream(IterableDataset):
         slots = self.world_size * self.num_workers
         slot = self.rank * self.num_workers + worker
         start = self.state.workers[worker]
-        bad, bad_in_a_row = start.bad_samples, 0
+        bad, streak = start.bad_samples, self.failure_streak()
         decoded: list[tuple[torch.Tensor, torch.Tensor]] = []
         taken = start.consumed
         while True:
             index = taken * slots + slot
             taken += 1
+            sample = self.sample_at(index)
             try:
-                image, label = self.load(self.sample_at(index))
+                image, label = self.load(sample)
                 generator = torch.Generator().manual_seed(_item_seed(self.seed, index))
                 decoded.append(self.augment(image, label, generator))
-            except Exception:  # an unreadable image or mask is skipped and counted
-                bad, bad_in_a_row = bad + 1, bad_in_a_row + 1
-                if bad_in_a_row >= 1000:
-                    raise RuntimeError(f"rank {self.rank}: 1000 images in a row could not be "
-                                       "read; check the dataset folder") from None
+            except Exception as error:  # an unreadable image or mask is skipped and counted
+                bad += 1
+                message = streak.failed(self.item_path(sample), error)
+                if message is not None:
+                    yield stream_error(message)
+                    return
                 continue
-            bad_in_a_row = 0
+            streak.succeeded()
             if len(decoded) == self.batch_size:
                 position = WorkerPosition(consumed=taken, bad_samples=bad)
                 yield {**collate_crops(decoded), "worker": worker,
@@ -268,31 +314,36 @@ class FolderStream(IterableDataset):
 
 class FolderSplit(IterableDataset):
     """This rank's validation images, one per batch: ``image`` (1, 3, H, W) normalised at its
-    own size, ``label`` (1, H, W), ``index`` (its place in the split)."""
+    own size, ``label`` (1, H, W), ``index`` (its place in the split) and ``skipped``
+    (unreadable images since the previous batch; the slice's last batch also carries those met
+    after it). Every unreadable image is listed in ``skips``."""
 
     def __init__(self, samples: list[Sample], load: Callable[[Sample], tuple],
                  mean: Sequence[float], std: Sequence[float], rank: int,
-                 world_size: int) -> None:
+                 world_size: int, skips: SkipLog | None = None) -> None:
         super().__init__()
         self.samples, self.load = samples, load
         self.mean, self.std = mean, std
         self.rank, self.world_size = rank, world_size
+        self.skips = skips or SkipLog(None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slots, slot = self.world_size * workers, self.rank * workers + worker
-        skipped = 0
+        skipped, pending = 0, None
         for index in range(slot, len(self.samples), slots):
             try:
                 image, label = self.load(self.samples[index])
-            except Exception:  # an unreadable image is counted, never fatal
+            except Exception as error:  # an unreadable image is counted and listed
+                self.skips.record_once("val", str(self.samples[index][0]),
+                                       failure_reason(error))
                 skipped += 1
                 continue
-            yield {"image": normalize(image, self.mean, self.std)[None], "label": label[None],
-                   "index": torch.tensor([index]), "skipped": skipped}
-            skipped = 0
-        if skipped:  # no later image of this slice carries the count
-            print(f"rank {self.rank} worker {worker}: the last {skipped} validation images of "
-                  "this slice could not be read", flush=True)
-
+            if pending is not None:  # held back one image: the last carries the last skips
+                yield {**pending, "skipped": skipped}
+                skipped = 0
+            pending = {"image": normalize(image, self.mean, self.std)[None],
+                       "label": label[None], "index": torch.tensor([index])}
+        if pending is not None:
+            yield {**pending, "skipped": skipped}

@@ -3,7 +3,7 @@ slice, a confusion matrix summed across ranks, optional prediction PNGs and over
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,11 @@ from PIL import Image
 from torch import nn
 
 from finetune.config import SegmentationConfig, SegmentationData
-from finetune.segmentation.data import Sample, read_image
+from finetune.segmentation.data import LoadPair, Sample, read_image
 from finetune.segmentation.inference import predict_logits, predict_multiscale
 from finetune.segmentation.metrics import ConfusionMatrix, scores
 from pretrain import distributed
+from pretrain.read_failures import failure_reason, unreadable_split_error
 from pretrain.task import Batch, Evaluator
 
 
@@ -42,8 +43,9 @@ def palette(num_classes: int) -> np.ndarray:
 
 class SegmentationEvaluator(Evaluator):
     def __init__(self, batches: Iterable[Batch], cfg: SegmentationConfig,
-                 samples: list[Sample]) -> None:
-        self._batches = batches
+                 samples: list[Sample], load: Callable[[Sample], tuple] | None = None) -> None:
+        self._batches, self.load = batches, load or LoadPair(cfg.data.reduce_zero_label,
+                                                             cfg.data.ignore_index)
         self.data, self.eval = cfg.data, cfg.eval
         self.samples = samples
         self.names = class_names(cfg.data)
@@ -56,7 +58,7 @@ class SegmentationEvaluator(Evaluator):
 
     def reset(self) -> None:
         self.matrix.reset()
-        self.images = self.skipped = 0
+        self.images = 0
 
     def predict(self, module: nn.Module, image: torch.Tensor) -> torch.Tensor:
         """Class probabilities (or logits) at the image's size, by the configured mode."""
@@ -73,18 +75,29 @@ class SegmentationEvaluator(Evaluator):
             return
         self.matrix.update(pred, batch["label"])
         self.images += len(pred)
-        self.skipped += int(batch.get("skipped", 0))
         if self.eval.predictions_dir is not None or self.eval.overlays:
             for index, mask in zip(batch["index"].tolist(), pred.cpu(), strict=True):
                 self._write(index, mask)
 
     def compute(self) -> dict[str, Any]:
         summed = self.matrix.summed()
-        counts = distributed.all_reduce([float(self.images), float(self.skipped)])
-        if counts[0] == 0:
-            raise ValueError("the validation split yielded no image")
-        return {**scores(summed, self.names), "images": int(counts[0]),
-                "skipped": int(counts[1])}
+        images = int(distributed.all_reduce([float(self.images)])[0])
+        if images == 0:
+            first = self.samples[0][0]
+            raise ValueError(unreadable_split_error(
+                "data.val_split", first.parent, len(self.samples), first,
+                self._first_failure()))
+        # the split is evaluated whole: what was not read was skipped (and listed)
+        return {**scores(summed, self.names), "images": images,
+                "skipped": len(self.samples) - images}
+
+    def _first_failure(self) -> str:
+        """Why the split's first image cannot be read (for the one-line error)."""
+        try:
+            self.load(self.samples[0])
+        except Exception as error:  # the reason is the message
+            return failure_reason(error)
+        return "it reads now"
 
     def _write(self, index: int, mask: torch.Tensor) -> None:
         """The prediction as an index PNG in the dataset's label space (+1 under

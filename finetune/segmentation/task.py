@@ -7,7 +7,6 @@ decay on norms, biases and the encoders' relative-position tables (their ``no_we
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from data_tools.files import atomic_torch_save, atomic_write_text
+from data_tools.files import atomic_torch_save
 from finetune.backbone import Backbone
-from finetune.config import SegmentationConfig
+from finetune.config import SegmentationConfig, SegmentationData
 from finetune.segmentation.data import (
     FolderSplit,
     FolderStream,
@@ -27,16 +26,23 @@ from finetune.segmentation.data import (
 )
 from finetune.segmentation.evaluate import SegmentationEvaluator, class_names
 from finetune.segmentation.models import Segmenter, average_batchnorm_statistics, build_segmenter
-from finetune.transfer import config_for_checkpoint, resolve_spec
+from finetune.transfer import config_for_checkpoint, load_task_weights, resolve_spec
 from pretrain.data import StreamState, TrainLoader
 from pretrain.eval_data import sliced_loader
 from pretrain.flops import image_model_train_flops
-from pretrain.models.spec import SPEC_KEY, ModelSpec
+from pretrain.metrics import write_eval_json
+from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
 from pretrain.models.weights import read_state_dict
 from pretrain.task import Batch, Evaluator, LossOutput, Task
 
 MODEL_PREFIX = "model."
 EXPORT_NAME = "segmenter.pt"
+
+
+def split_source(data: SegmentationData, split: str) -> str:
+    """How messages name a split: the config fields that point at it and its image folder."""
+    field = "data.train_split" if split == data.train_split else "data.val_split"
+    return f"{field} {split!r} ({Path(data.root) / data.image_dir / split})"
 
 
 def masked_cross_entropy(logits: torch.Tensor, label: torch.Tensor,
@@ -90,9 +96,17 @@ class SegmentationTask(Task):
         encoder = cfg.encoder
         self.spec = resolve_spec(encoder.weights, encoder.name, encoder.overrides)
         data = cfg.data
-        self.load = LoadPair(data.reduce_zero_label, data.ignore_index)
-        self.train_samples = list_samples(data.root, data.train_split, data.image_dir,
-                                          data.label_dir)
+        self.load = LoadPair(data.reduce_zero_label, data.ignore_index, data.num_classes)
+        self._train_samples: list | None = None
+
+    @property
+    def train_samples(self) -> list:
+        """The training split, listed when first needed (``--eval-only`` never needs it)."""
+        if self._train_samples is None:
+            data = self.cfg.data
+            self._train_samples = list_samples(data.root, data.train_split, data.image_dir,
+                                               data.label_dir)
+        return self._train_samples
 
     def build_module(self) -> nn.Module:
         from pretrain import distributed
@@ -130,13 +144,15 @@ class SegmentationTask(Task):
                                data.ignore_index)
         stream = FolderStream(self.train_samples, self.load, augment, data.batch_size,
                               self.cfg.train.seed, rank, distributed.world_size(),
-                              data.workers, state)
+                              data.workers, state, source=split_source(data, data.train_split),
+                              skips=self.skip_log(rank))
         return TrainLoader(stream, data.workers)
 
     def evaluator(self, rank: int, world_size: int) -> Evaluator:
         data = self.cfg.data
         samples = list_samples(data.root, data.val_split, data.image_dir, data.label_dir)
-        split = FolderSplit(samples, self.load, data.mean, data.std, rank, world_size)
+        split = FolderSplit(samples, self.load, data.mean, data.std, rank, world_size,
+                            self.skip_log(rank))
         return SegmentationEvaluator(sliced_loader(split, data.workers), self.cfg, samples)
 
     def flops_per_sample(self) -> float:
@@ -169,7 +185,12 @@ class SegmentationTask(Task):
         """``--eval-only``: score ``checkpoint`` (an exported ``segmenter.pt``, whose spec names
         the encoder, or any file whose state dict has this config's segmenter keys) on the
         validation split, on every rank of the launch; rank 0 writes ``run_dir/eval.json``."""
-        return cls(config_for_checkpoint(cfg, checkpoint))._evaluate(checkpoint, run_dir)
+        task = cls(config_for_checkpoint(cfg, checkpoint))
+        task.run_dir = run_dir
+        return task._evaluate(checkpoint, run_dir)
+
+    def eval_only_file(self, export_dir: Path) -> Path | None:
+        return export_dir / EXPORT_NAME
 
     def _evaluate(self, checkpoint: Path, run_dir: Path) -> dict[str, Any]:
         from pretrain import distributed
@@ -180,11 +201,7 @@ class SegmentationTask(Task):
         state = read_state_dict(checkpoint)
         if not any(k.startswith(MODEL_PREFIX) for k in state):
             state = {f"{MODEL_PREFIX}{k}": v for k, v in state.items()}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{checkpoint}: not this config's segmenter ({len(missing)} "
-                             f"missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
-                             f"e.g. {unexpected[:2]})")
+        load_task_weights(module, state, checkpoint, "segmenter", read_spec(checkpoint))
         device = distributed.collective_device()
         module.to(device).eval()
         evaluator = self.evaluator(rank, world)
@@ -196,8 +213,6 @@ class SegmentationTask(Task):
                 evaluator.update(module, batch, counted=True)
         results = evaluator.compute()
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "eval.json", json.dumps(
-                {"checkpoint": str(checkpoint), "results": results}, indent=2))
+            write_eval_json(run_dir, {"checkpoint": str(checkpoint), "results": results})
         distributed.barrier()
         return results
