@@ -81,6 +81,12 @@ class TrainConfig(Section):
     # CPUs at bf16 (PyTorch's flash backward is slow there), PyTorch's choice otherwise;
     # "torch" = always PyTorch's choice; "math" = always the math kernel.
     attention_kernel: AttentionKernel = "auto"
+    # Seconds any collective (ours, DeepSpeed's, ZeRO's) waits for every rank before the job
+    # ends naming the rank that did not arrive (pretrain/distributed.py). Long enough for the
+    # slowest legitimate wait (the others wait while rank 0 exports the final weights or
+    # scores COCO alone, a slow checkpoint write), short enough that a frozen node costs
+    # minutes, not torch's 30-minute default.
+    collective_timeout: float = Field(600.0, ge=1.0)
 
 
 class OptimizerConfig(Section):
