@@ -1,0 +1,136 @@
+"""Shards on object storage fail the way servers fail: a stall after accept, a 503, a reset
+mid-shard, a pipe command that hangs. Each is skipped within its bound, named in the skip list,
+counted, and never waited for again, not even after a resume.
+
+The stream runs in this process (no DataLoader worker) against a loopback server
+(tests/shard_servers.py), with short timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_data_helpers import gradient_jpeg
+
+from data_tools.mixture import load_mixture
+from data_tools.remote import RemotePolicy
+from data_tools.shard_writer import Sample, write_shard, write_sizes
+from pretrain.data import (
+    ResumableStream,
+    StreamState,
+    TrainLoader,
+    decode_caption,
+    decode_image,
+)
+from pretrain.skipped import SkipLog, read_skipped
+from tests.shard_servers import FaultServer
+
+POLICY = RemotePolicy(connect_timeout=2.0, read_timeout=1.0, retries=2, backoff=0.2,
+                      max_backoff=0.4)
+BACKOFF_S = 0.2 + 0.4  # before the second and third attempts
+
+
+def _shards(folder: Path, count: int = 3, per_shard: int = 8) -> Path:
+    for shard in range(count):
+        write_shard(folder, shard, [Sample(gradient_jpeg((16, 16), seed=shard * 100 + i),
+                                           f"shard {shard} sample {i}")
+                                    for i in range(per_shard)])
+    write_sizes(folder)
+    return folder
+
+
+def _decode(sample: dict[str, Any]) -> tuple[str]:
+    decode_image(sample)
+    return (decode_caption(sample),)
+
+
+def _collate(items: list[tuple[str]]) -> dict[str, Any]:
+    return {"captions": [caption for (caption,) in items], "size": torch.tensor(len(items))}
+
+
+def _loader(pattern: str, run_dir: Path, state: StreamState | None = None) -> TrainLoader:
+    stream = ResumableStream(load_mixture(pattern), _decode, _collate, batch_size=4, seed=5,
+                             rank=0, num_workers=0, shuffle_buffer=8, shuffle_initial=2,
+                             state=state or StreamState.fresh(0), remote=POLICY,
+                             skip_log=SkipLog(run_dir))
+    return TrainLoader(stream, 0)
+
+
+def _mixed(server: FaultServer, fault: str) -> str:
+    """Two good shards and the faulty one, drawn uniformly with replacement."""
+    return (f"http://127.0.0.1:{server.port}/{{ok/00000.tar,ok/00001.tar,"
+            f"{fault}/00002.tar}}")
+
+
+@pytest.mark.parametrize(("fault", "reason", "attempts", "bound_s"), [
+    # stalled: every attempt waits read_timeout for the response, then the backoff
+    ("stall", "ReadTimeout", 3, 3 * POLICY.read_timeout + BACKOFF_S),
+    # 503: answered at once, retried after each backoff
+    ("busy", "HTTP 503 (3 attempts)", 3, BACKOFF_S),
+    # reset mid-shard: its first bytes were samples already; not retried
+    ("reset", "failed mid-shard", 1, 0.0),
+])
+def test_a_failing_http_shard_is_skipped_within_its_budget_and_named(
+        fault: str, reason: str, attempts: int, bound_s: float, tmp_path: Path) -> None:
+    folder = _shards(tmp_path / "shards")
+    with FaultServer(folder) as server:
+        loader = _loader(_mixed(server, fault), tmp_path / "run")
+        began = time.monotonic()
+        batches = [next(loader) for _ in range(30)]  # 120 samples: every shard drawn often
+        took = time.monotonic() - began
+        failed = f"/{fault}/00002.tar"
+        assert server.requests[failed] == attempts  # given up on once, never drawn again
+    assert took < bound_s + 5.0, took  # the rest is reading and decoding 120 tiny samples
+    records = read_skipped(tmp_path / "run")
+    assert len(records) == 1, records
+    assert records[0]["path"] == server.url(fault, "00002.tar")
+    assert reason in records[0]["reason"] and records[0]["split"] == "train"
+    assert loader.state.skipped == 1
+    captions = [c for batch in batches for c in batch["captions"]]
+    from_faulty = [c for c in captions if c.startswith("shard 2 ")]
+    if fault == "reset":  # the samples before the break arrived, each once
+        assert 0 < len(from_faulty) < 8 and len(set(from_faulty)) == len(from_faulty)
+    else:
+        assert not from_faulty
+
+
+def test_a_resumed_stream_does_not_wait_for_a_shard_given_up_on(tmp_path: Path) -> None:
+    """The state saved after the stall holds the shard given up on: the resumed stream never
+    asks the server for it again and yields exactly the batches of the uninterrupted one."""
+    folder = _shards(tmp_path / "shards")
+    with FaultServer(folder) as server:
+        pattern = _mixed(server, "stall")
+        loader = _loader(pattern, tmp_path / "run")
+        first = [next(loader)["captions"] for _ in range(12)]
+        assert server.requests["/stall/00002.tar"] == 3
+        saved = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint holds it
+        expected = [next(loader)["captions"] for _ in range(12)]
+
+        resumed = _loader(pattern, tmp_path / "run", StreamState.from_dict(saved))
+        began = time.monotonic()
+        assert [next(resumed)["captions"] for _ in range(12)] == expected
+        assert time.monotonic() - began < POLICY.read_timeout  # no stall replayed
+        assert server.requests["/stall/00002.tar"] == 3
+    assert first and len(read_skipped(tmp_path / "run")) == 1
+
+
+def test_a_pipe_command_that_hangs_or_fails_is_skipped_and_named(tmp_path: Path) -> None:
+    """``pipe:`` shards: a command that never writes ends at the read timeout (and is killed),
+    one that fails is retried and then named with its exit."""
+    folder = _shards(tmp_path / "shards", count=1)
+    good = f"pipe:cat {folder}/00000.tar"
+    pattern = f"{{{good},pipe:sleep 120,pipe:cat {folder}/missing.tar}}"
+    loader = _loader(pattern, tmp_path / "run")
+    began = time.monotonic()
+    batches = [next(loader) for _ in range(12)]
+    assert time.monotonic() - began < 2 * (3 * POLICY.read_timeout + BACKOFF_S) + 5.0
+    reasons = {r["path"]: r["reason"] for r in read_skipped(tmp_path / "run")}
+    assert set(reasons) == {"pipe:sleep 120", f"pipe:cat {folder}/missing.tar"}
+    assert "no bytes for 1 s" in reasons["pipe:sleep 120"]
+    assert "the command exited 1 (3 attempts)" in reasons[f"pipe:cat {folder}/missing.tar"]
+    assert all(c.startswith("shard 0 ") for b in batches for c in b["captions"])
