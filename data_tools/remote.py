@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -172,11 +173,12 @@ def s3_head(url: str, policy: RemotePolicy) -> int:
 # --------------------------------------------------------------------------- pipe:
 def _open_pipe(url: str, policy: RemotePolicy) -> Readable:
     """Run the command (through the shell, as webdataset does: ``pipe:`` URLs are commands the
-    user wrote in the config; its standard error goes to the job's log) and wait for its
-    first bytes."""
+    user wrote in the config) and wait for its first bytes. Its standard error goes to a file
+    (a pipe could fill and block it), whose end becomes the reason if it fails."""
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the stream)
     process = subprocess.Popen(url.removeprefix("pipe:"), shell=True,  # noqa: S602
-                               stdout=subprocess.PIPE)
-    stream = _PipeOutput(process, policy.read_timeout)
+                               stdout=subprocess.PIPE, stderr=errors)
+    stream = _PipeOutput(process, errors, policy.read_timeout)
     try:
         first = stream.read(1)
         if not first:
@@ -191,8 +193,8 @@ def _open_pipe(url: str, policy: RemotePolicy) -> Readable:
 class _PipeOutput:
     """A command's standard output whose every read waits at most ``read_timeout``."""
 
-    def __init__(self, process: subprocess.Popen, read_timeout: float) -> None:
-        self.process, self.read_timeout = process, read_timeout
+    def __init__(self, process: subprocess.Popen, errors: BinaryIO, read_timeout: float) -> None:
+        self.process, self.errors, self.read_timeout = process, errors, read_timeout
         self.pending = b""
 
     def read(self, size: int = -1) -> bytes:
@@ -206,7 +208,10 @@ class _PipeOutput:
         if not data:
             status = self.process.wait(timeout=self.read_timeout)
             if status not in (0, -13, 141):  # SIGPIPE: a reader that stopped early
-                raise OSError(f"the command exited {status}")
+                self.errors.seek(0)
+                said = " ".join(self.errors.read().decode("utf-8", "replace").split())
+                raise OSError(f"the command exited {status}" + (f": {said[-300:]}" if said
+                                                                else ""))
         return data
 
     def close(self) -> None:
@@ -214,3 +219,4 @@ class _PipeOutput:
             self.process.kill()
         self.process.wait(timeout=self.read_timeout)
         self.process.stdout.close()
+        self.errors.close()

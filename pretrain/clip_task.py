@@ -49,7 +49,7 @@ class ClipTask(Task):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
-        self.shard_sets = load_mixture(cfg.data.mixture_spec)
+        self.shard_sets = load_mixture(cfg.data.mixture_spec, cfg.data.remote.policy())
 
     def build_module(self) -> torch.nn.Module:
         cfg = self.cfg

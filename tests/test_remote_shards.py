@@ -9,6 +9,8 @@ The stream runs in this process (no DataLoader worker) against a loopback server
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from pretrain.data import (
     decode_caption,
     decode_image,
 )
+from pretrain.launcher import ROOT, find_free_port
 from pretrain.skipped import SkipLog, read_skipped
 from tests.shard_servers import FaultServer
 
@@ -54,7 +57,7 @@ def _collate(items: list[tuple[str]]) -> dict[str, Any]:
 
 
 def _loader(pattern: str, run_dir: Path, state: StreamState | None = None) -> TrainLoader:
-    stream = ResumableStream(load_mixture(pattern), _decode, _collate, batch_size=4, seed=5,
+    stream = ResumableStream(load_mixture(pattern, POLICY), _decode, _collate, batch_size=4, seed=5,
                              rank=0, num_workers=0, shuffle_buffer=8, shuffle_initial=2,
                              state=state or StreamState.fresh(0), remote=POLICY,
                              skip_log=SkipLog(run_dir))
@@ -132,5 +135,52 @@ def test_a_pipe_command_that_hangs_or_fails_is_skipped_and_named(tmp_path: Path)
     reasons = {r["path"]: r["reason"] for r in read_skipped(tmp_path / "run")}
     assert set(reasons) == {"pipe:sleep 120", f"pipe:cat {folder}/missing.tar"}
     assert "no bytes for 1 s" in reasons["pipe:sleep 120"]
-    assert "the command exited 1 (3 attempts)" in reasons[f"pipe:cat {folder}/missing.tar"]
+    assert reasons[f"pipe:cat {folder}/missing.tar"] == (
+        f"OSError: the command exited 1: cat: {folder}/missing.tar: No such file or directory "
+        "(3 attempts)")
     assert all(c.startswith("shard 0 ") for b in batches for c in b["captions"])
+
+
+# ---------------------------------------------------------------- --check probes remote sets
+
+def _check(*overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", "demo",
+               "--check", "--set", "data.remote.retries=0", "--set",
+               "data.remote.connect_timeout=2", "--set", "data.remote.read_timeout=2",
+               *(arg for override in overrides for arg in ("--set", override))]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("pattern", [
+    "http://127.0.0.1:{port}/{{00000..00003}}.tar",  # nothing listening
+    "pipe:cat /no/such/dir/{{00000..00003}}.tar",
+])
+def test_check_refuses_unreachable_remote_shards_in_one_line(pattern: str) -> None:
+    shards = pattern.format(port=find_free_port())
+    result = _check(f"data.train={shards}")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0].startswith(f"input error: shard set '{shards}': 4 of 4 probed remote "
+                               "shards unusable, e.g. ")
+
+
+def test_check_probes_remote_shards_and_counts_them_from_sizes_json(tmp_path: Path) -> None:
+    """Reachable shards that are tars pass (with the sample counts of the sizes.json beside
+    them); one that stalls is refused within its read timeout; an epoch schedule over
+    remote shards without a sizes.json is refused in one line, not a traceback per rank."""
+    folder = _shards(tmp_path / "shards", count=4)
+    with FaultServer(folder) as server:
+        good = server.url("ok", "{00000..00003}.tar")
+        assert load_mixture(good, POLICY)[0].num_samples == 32  # sizes.json over HTTP
+        assert _check(f"data.train={good}").returncode == 0
+        began = time.monotonic()
+        stalled = _check(f"data.train={server.url('stall', '{00000..00003}.tar')}")
+        assert stalled.returncode == 2 and "ReadTimeout" in stalled.stderr
+        assert time.monotonic() - began < 4 * 2 + 15  # 4 probes x read_timeout + start-up
+        (folder / "sizes.json").unlink()
+        unsized = _check(f"data.train={good}", "schedule.steps=null", "schedule.epochs=1")
+    assert unsized.returncode == 2
+    assert unsized.stderr.strip() == (
+        f"input error: schedule.epochs needs the size of the training data, but shard set "
+        f"'{good}' has no sizes.json beside its shards: add one or set data.epoch_samples")
