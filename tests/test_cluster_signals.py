@@ -72,6 +72,7 @@ def _wait_gone(processes: list[psutil.Process], within: float) -> None:
     assert not alive, f"{len(alive)} processes of the job outlived it"
 
 
+@pytest.mark.slow  # ~65 s; the fast suite has the roll call in tests/test_collectives.py
 def test_a_frozen_rank_ends_the_job_within_the_timeout_naming_it(shape_shards: dict,
                                                                  tmp_path: Path) -> None:
     """SIGSTOP one rank mid-run (a node that freezes): the other exits non-zero once the
@@ -118,7 +119,8 @@ def _assert_saved_once(run_dir: Path, output: str, step: int) -> None:
 
 
 @pytest.mark.parametrize(("launcher", "signum"), [
-    ("deepspeed", signal.SIGTERM), ("torchrun", signal.SIGTERM),
+    ("deepspeed", signal.SIGTERM),
+    pytest.param("torchrun", signal.SIGTERM, marks=pytest.mark.slow),
     pytest.param("deepspeed", signal.SIGUSR1, marks=pytest.mark.slow),
     pytest.param("torchrun", signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_signal_to_the_process_group_saves_and_exits_cleanly(
@@ -152,8 +154,8 @@ def _without_launcher_traceback(output: str, launcher_pid: int) -> str:
     return output[:start_at] + output[output.index(end) + len(end):]
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", pytest.param("torchrun",
-                                                                marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_ranks_save_and_exit_when_their_launcher_is_killed(launcher: str, shape_shards: dict,
                                                           tmp_path: Path) -> None:
     """kill -9 of the launcher alone (an OOM kill, a lost ssh session): the ranks do not train
@@ -169,6 +171,7 @@ def test_ranks_save_and_exit_when_their_launcher_is_killed(launcher: str, shape_
     _assert_saved_once(run_dir, output, step)
 
 
+@pytest.mark.slow
 def test_the_rank_waiting_for_data_is_named_in_the_metrics(shape_shards: dict,
                                                             tmp_path: Path) -> None:
     """Rank 1's data worker freezes for 6 s (a stalled read): the log record of that step

@@ -69,6 +69,7 @@ def test_check_over_s3(s3: S3Server, shape_shards: dict) -> None:
         f"shards unusable, e.g. s3://{BUCKET}/00004.tar: S3 NoSuchKey"]  # probed: 0, 2, 4, 6
 
 
+@pytest.mark.slow  # three 2-rank runs, ~60 s
 def test_training_and_kill_resume_over_s3_match_local_files(s3: S3Server, shape_shards: dict,
                                                             tmp_path: Path) -> None:
     """The same run from local files and from s3:// logs the same losses; the s3:// run killed
