@@ -96,9 +96,9 @@ def is_collective_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective that timed out or lost a peer (gloo raises these as
     ``RuntimeError``; NCCL's watchdog ends the process itself after the same timeout)."""
     text = str(error)
-    return isinstance(error, RuntimeError) and (
-        "Timed out" in text or "timed out" in text or "Connection closed by peer" in text
-        or "Connection reset by peer" in text or isinstance(error, dist.DistError))
+    return isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("Timed out waiting", "Connection closed by peer",
+                                      "Connection reset by peer"))
 
 
 def missing_ranks_report(timeout_s: float) -> str | None:

@@ -27,18 +27,20 @@ class FaultServer:
 
     ``ok`` (the file), ``stall`` (accept, read the request, never answer), ``busy`` (HTTP 503),
     ``reset`` (headers with the full length, half the bytes, then a TCP reset).
-    ``requests`` counts the requests per path.
+    ``requests`` counts the requests per path, ``times`` holds when each came.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.requests: collections.Counter[str] = collections.Counter()
+        self.times: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
         self.stopping = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (the http.server API)
                 server.requests[self.path] += 1
+                server.times[self.path].append(time.monotonic())
                 fault, _, name = self.path.lstrip("/").partition("/")
                 if fault == "stall":
                     server.stopping.wait(STALL_LIMIT_S)

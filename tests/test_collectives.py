@@ -135,7 +135,7 @@ def _bounded_worker(rank: int, port: int, stalled: int, results: dict) -> None:
     results[f"timeouts{rank}"] = sorted(set(distributed.group_timeouts()))
     began = time.monotonic()
     if rank == stalled:
-        time.sleep(9)  # past the other's timeout and roll call, then leave
+        time.sleep(7)  # past the other's timeout and roll call, then leave
         return
     try:
         distributed.all_reduce([1.0])
