@@ -82,7 +82,10 @@ def open_shard(url: str, policy: RemotePolicy) -> Readable | BinaryIO:
     spent. Reads of a remote stream raise ``OSError`` / ``requests`` / botocore errors when
     the bytes stop for ``read_timeout`` or the connection breaks."""
     if is_local(url):
-        return open(url, "rb")  # noqa: SIM115 (the caller closes it)
+        try:
+            return open(url, "rb")  # noqa: SIM115 (the caller closes it)
+        except OSError as error:  # deleted or unreadable since start-up: skipped like others
+            raise ShardUnavailable(url, describe_error(error)) from None
     opener = _open_pipe if url.startswith("pipe:") else _open_s3 if url.startswith(
         "s3://") else _open_http
     reason = "no attempt"

@@ -187,3 +187,13 @@ def test_check_probes_remote_shards_and_counts_them_from_sizes_json(tmp_path: Pa
     assert unsized.stderr.strip() == (
         f"input error: schedule.epochs needs the size of the training data, but shard set "
         f"'{good}' has no sizes.json beside its shards: add one or set data.epoch_samples")
+
+
+def test_a_local_shard_deleted_mid_run_is_skipped_and_named(tmp_path: Path) -> None:
+    folder = _shards(tmp_path / "shards")
+    loader = _loader(str(folder / "{00000..00002}.tar"), tmp_path / "run")
+    (folder / "00002.tar").unlink()  # after start-up checked it
+    batches = [next(loader) for _ in range(12)]
+    assert [r["path"] for r in read_skipped(tmp_path / "run")] == [str(folder / "00002.tar")]
+    assert loader.state.skipped == 1
+    assert not any(c.startswith("shard 2 ") for b in batches for c in b["captions"])
