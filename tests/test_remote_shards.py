@@ -197,3 +197,35 @@ def test_a_local_shard_deleted_mid_run_is_skipped_and_named(tmp_path: Path) -> N
     assert [r["path"] for r in read_skipped(tmp_path / "run")] == [str(folder / "00002.tar")]
     assert loader.state.skipped == 1
     assert not any(c.startswith("shard 2 ") for b in batches for c in b["captions"])
+
+
+@pytest.mark.slow  # a 2-rank run, ~30 s
+def test_a_two_rank_run_over_http_survives_a_stalled_shard(tmp_path: Path) -> None:
+    """The field case: 2 ranks read their shards over HTTP and one shard's server accepts and
+    never answers. The run completes; every worker that drew it waited once, within the
+    bounds, and named it in skipped.jsonl."""
+    from tests.conftest import TINY_MODEL
+    from tests.jobs import start
+
+    folder = _shards(tmp_path / "shards")  # 8 samples a shard: many draws per worker
+    with FaultServer(folder) as server:
+        shards = (f"http://127.0.0.1:{server.port}/{{ok/00000.tar,ok/00001.tar,ok/00002.tar,"
+                  f"stall/00003.tar}}")
+        run_dir = tmp_path / "run"
+        process = start("pretrain.py", [
+            "--config", "demo", "--run-dir", str(run_dir), *TINY_MODEL,
+            "--set", f"data.train={shards}", "--set", "data.batch_size=8",
+            "--set", "data.shuffle_buffer=32", "--set", "data.shuffle_initial=8",
+            "--set", "schedule.steps=20", "--set", "schedule.warmup_steps=2",
+            "--set", "log.every=4", "--set", "data.workers=1",
+            "--set", "data.remote.read_timeout=2", "--set", "data.remote.retries=1",
+            "--set", "data.remote.backoff=0.5", "--set", "data.remote.probe_shards=3"])
+        output, _ = process.communicate(timeout=240)
+        stalled_requests = server.requests["/stall/00003.tar"]
+    assert process.returncode == 0, output[-4000:]
+    records = read_skipped(run_dir)
+    assert records and {r["path"] for r in records} == {server.url("stall", "00003.tar")}
+    assert len(records) == len({r["rank"] for r in records})  # once per worker (1 per rank)
+    assert stalled_requests == 2 * len(records)  # first try + 1 retry, never drawn again
+    assert all("ReadTimeout" in r["reason"] for r in records)
+    assert output.count("pretrain completed in") == 1
