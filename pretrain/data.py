@@ -69,12 +69,22 @@ _SET_KEY = "__set__"  # which set of the mixture a raw sample was drawn from
 _STREAM_ERROR = "stream_error"  # the one item a worker yields when its stream cannot go on
 
 
-def ordered_dataset(pattern: str) -> wds.WebDataset:
+def ordered_dataset(pattern: str, remote: RemotePolicy | None = None) -> Iterator[dict]:
     """Every sample of a shard pattern exactly once, in order, in this process only (evaluation
-    reads the whole split on one rank, so there is no node or worker splitting)."""
-    urls = list(braceexpand.braceexpand(pattern))
-    return wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                          empty_check=False)
+    reads the whole split on one rank, so there is no node or worker splitting). Remote shards
+    are read within ``remote``'s bounds; a shard that cannot be read raises (an evaluation
+    that silently lost a shard would report other numbers)."""
+    policy = remote or RemotePolicy()
+
+    def opened() -> Iterator[dict[str, Any]]:
+        for url in braceexpand.braceexpand(pattern):
+            stream = open_shard(url, policy)
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    return group_by_keys(tar_file_expander(opened()))
 
 
 @dataclass

@@ -229,3 +229,21 @@ def test_a_two_rank_run_over_http_survives_a_stalled_shard(tmp_path: Path) -> No
     assert stalled_requests == 2 * len(records)  # first try + 1 retry, never drawn again
     assert all("ReadTimeout" in r["reason"] for r in records)
     assert output.count("pretrain completed in") == 1
+
+
+def test_an_evaluation_split_over_http_is_read_whole_or_fails_within_its_bound(
+        tmp_path: Path) -> None:
+    """Evaluation reads every sample once, remote shards too; a stalled shard ends the read
+    with an error after its attempts instead of hanging the evaluation."""
+    from data_tools.remote import ShardUnavailable
+    from pretrain.data import ordered_dataset
+
+    folder = _shards(tmp_path / "shards")
+    with FaultServer(folder) as server:
+        samples = list(ordered_dataset(server.url("ok", "{00000..00002}.tar"), POLICY))
+        assert [s["txt"].decode() for s in samples] == [
+            f"shard {shard} sample {i}" for shard in range(3) for i in range(8)]
+        began = time.monotonic()
+        with pytest.raises(ShardUnavailable, match="ReadTimeout"):
+            list(ordered_dataset(server.url("stall", "00000.tar"), POLICY))
+        assert time.monotonic() - began < 3 * POLICY.read_timeout + BACKOFF_S + 1.0
