@@ -130,14 +130,20 @@ def die_with_parent(parent_pid: int) -> None:
     """End this worker process when its parent dies, even by kill -9.
 
     Otherwise an orphaned worker waits forever on its task pipe (it holds the pipe's write
-    end too, so it never sees end-of-file). On Linux the kernel kills it (PR_SET_PDEATHSIG,
-    which fires when the thread that forked it ends: the pool forks from the build's main
-    thread). Elsewhere, or if prctl fails, a daemon thread polls the parent's pid.
+    end too, so it never sees end-of-file). See :func:`signal_when_parent_dies`.
     """
-    if not (sys.platform == "linux" and _set_parent_death_signal(signal.SIGKILL)):
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    signal_when_parent_dies(parent_pid, signal.SIGKILL)
+
+
+def signal_when_parent_dies(parent_pid: int, signum: int) -> None:
+    """Have ``signum`` delivered to this process when its parent dies, even by kill -9, and at
+    once if it is already gone. On Linux the kernel sends it (PR_SET_PDEATHSIG, which fires
+    when the thread that forked this process ends: the pool and the launchers fork from their
+    main thread). Elsewhere, or if prctl fails, a daemon thread polls the parent's pid."""
+    if not (sys.platform == "linux" and _set_parent_death_signal(signum)):
+        threading.Thread(target=_watch_parent, args=(parent_pid, signum), daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
-        os._exit(1)
+        os.kill(os.getpid(), signum)
 
 
 def _set_parent_death_signal(signum: int) -> bool:
@@ -148,10 +154,10 @@ def _set_parent_death_signal(signum: int) -> bool:
         return False
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, signum: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(_PARENT_POLL_SECONDS)
-    os._exit(1)
+    os.kill(os.getpid(), signum)
 
 
 def _run_in_worker(fn: Task, task: Any) -> Any:

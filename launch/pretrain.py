@@ -27,8 +27,16 @@ def make_trainer(cfg: PretrainConfig, run_dir: Path):  # noqa: ANN201 (imports D
 
 
 def check_inputs(cfg: PretrainConfig) -> None:
-    # every shard of every set exists, and every set has samples (an empty one hangs training)
-    check_samples(load_mixture(cfg.data.mixture_spec))
+    # every local shard exists, probed remote ones answer with a tar, and every set has
+    # samples (an empty one hangs training)
+    remote = cfg.data.remote
+    sets = load_mixture(cfg.data.mixture_spec, remote.policy())
+    check_samples(sets, remote.policy(), remote.probe_shards)
+    unsized = [s.pattern for s in sets if s.num_samples is None]
+    if cfg.schedule.epochs is not None and cfg.data.epoch_samples is None and unsized:
+        raise ValueError(f"schedule.epochs needs the size of the training data, but shard set "
+                         f"{unsized[0]!r} has no sizes.json beside its shards: add one or set "
+                         "data.epoch_samples")
     init = cfg.model.init_from
     if init.clip is not None or init.image is not None:
         from pretrain.warm_start import check_warm_start  # builds the model on the meta device

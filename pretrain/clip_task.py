@@ -18,6 +18,7 @@ from pretrain.export import write_clip_exports
 from pretrain.flops import train_flops_per_sample
 from pretrain.loss import ContrastiveTask, build_loss
 from pretrain.models.clip import build_clip, build_tokenizer
+from pretrain.skipped import SkipLog
 from pretrain.task import Evaluator, Task, stream_epoch_samples
 from pretrain.warm_start import warm_start
 
@@ -48,7 +49,7 @@ class ClipTask(Task):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
-        self.shard_sets = load_mixture(cfg.data.mixture_spec)
+        self.shard_sets = load_mixture(cfg.data.mixture_spec, cfg.data.remote.policy())
 
     def build_module(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -79,6 +80,8 @@ class ClipTask(Task):
             scale=cfg.data.scale,
             state=state,
             jpeg_draft=cfg.data.jpeg_draft,
+            remote=cfg.data.remote.policy(),
+            skip_log=SkipLog(self.run_dir, rank),
         )
 
     def evaluator(self, rank: int, world_size: int) -> dict[str, Evaluator]:

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from data_tools.files import atomic_write_text
+from data_tools.remote import RemotePolicy
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 
@@ -81,6 +82,12 @@ class TrainConfig(Section):
     # CPUs at bf16 (PyTorch's flash backward is slow there), PyTorch's choice otherwise;
     # "torch" = always PyTorch's choice; "math" = always the math kernel.
     attention_kernel: AttentionKernel = "auto"
+    # Seconds any collective (ours, DeepSpeed's, ZeRO's) waits for every rank before the job
+    # ends naming the rank that did not arrive (pretrain/distributed.py). Long enough for the
+    # slowest legitimate wait (the others wait while rank 0 exports the final weights or
+    # scores COCO alone, a slow checkpoint write), short enough that a frozen node costs
+    # minutes, not torch's 30-minute default.
+    collective_timeout: float = Field(600.0, ge=1.0)
 
 
 class OptimizerConfig(Section):
@@ -249,9 +256,30 @@ class ShardSetConfig(Section):
     weight: float = Field(1.0, gt=0)
 
 
+class RemoteShardsConfig(Section):
+    """Bounds on reading shards from object storage (``http(s)://``, ``s3://``, ``pipe:``;
+    data_tools/remote.py). A shard that fails within them is skipped, counted and listed in
+    RUN_DIR/skipped.jsonl; the most one shard can cost a data worker is
+    (retries + 1) x (connect_timeout + read_timeout) + the backoff waits."""
+
+    connect_timeout: float = Field(20.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)  # seconds without a byte end the attempt
+    retries: int = Field(3, ge=0, le=10)  # failures before the first byte retried this often
+    backoff: float = Field(1.0, ge=0)  # seconds before the first retry, doubling ...
+    max_backoff: float = Field(16.0, ge=0)  # ... up to this
+    # --check (and every rank at start-up) opens this many shards of each remote set.
+    probe_shards: int = Field(4, ge=0)
+
+    def policy(self) -> RemotePolicy:
+        return RemotePolicy(connect_timeout=self.connect_timeout,
+                            read_timeout=self.read_timeout, retries=self.retries,
+                            backoff=self.backoff, max_backoff=self.max_backoff)
+
+
 class DataConfig(StreamConfig):
     # One brace pattern, a list of weighted shard sets, or a mixture YAML file (data_tools.mixture).
     train: str | list[ShardSetConfig]
+    remote: RemoteShardsConfig = Field(default_factory=RemoteShardsConfig)
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop scale range, as open_clip
     # Decode large JPEGs at a reduced DCT scale that still covers the crop (pretrain.data.
     # jpeg_draft_size); images already near the training size decode exactly as without it.

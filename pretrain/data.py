@@ -14,6 +14,13 @@ Design points:
   from the same logical worker as in an uninterrupted run.
 * Bad samples (undecodable image, missing caption, unreadable shard) are skipped and counted;
   the counts travel with every batch and are logged.
+* Shards may be remote (``http(s)://``, ``s3://``, ``pipe:``; :mod:`data_tools.remote`): every
+  wait is bounded by ``data.remote``. A shard that cannot be read within it is skipped,
+  counted, named on stderr and in ``RUN_DIR/skipped.jsonl``, and never opened again by that
+  worker: later draws of it are skipped at once, and the set of such shards (with the draw
+  that gave up on each) is part of the worker's saved position, so a resumed run neither
+  waits for it again nor draws differently. (A shard that broke mid-way had yielded some
+  samples; a resumed run skips it whole from that draw on, so its replay can differ there.)
 * A shard set that can no longer yield a sample ends the run instead of hanging it (drawing
   with replacement would otherwise loop forever without a batch): once every shard of the set
   (at most ``GIVE_UP_AFTER_SHARDS`` distinct ones) has been drawn since the set's last good
@@ -24,11 +31,13 @@ Design points:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import random
 import signal
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -40,14 +49,16 @@ import webdataset as wds
 from open_clip.transform import AugmentationCfg, image_transform
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_tools.mixture import ShardSet, draw_shards, drawable_shards
+from data_tools.remote import RemotePolicy, ShardUnavailable, describe_error, open_shard
 from data_tools.shard_writer import IMAGE_EXTENSIONS
 from data_tools.workers import die_with_parent
 from pretrain.errors import TrainingAborted
 from pretrain.read_failures import GIVE_UP_AFTER_FAILURES
 from pretrain.read_failures import STREAM_ERROR as _STREAM_ERROR
+from pretrain.skipped import SkipLog
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,12 +69,22 @@ GIVE_UP_AFTER_SHARDS = 1000  # GIVE_UP_AFTER_FAILURES: pretrain.read_failures
 _SET_KEY = "__set__"  # which set of the mixture a raw sample was drawn from
 
 
-def ordered_dataset(pattern: str) -> wds.WebDataset:
+def ordered_dataset(pattern: str, remote: RemotePolicy | None = None) -> Iterator[dict]:
     """Every sample of a shard pattern exactly once, in order, in this process only (evaluation
-    reads the whole split on one rank, so there is no node or worker splitting)."""
-    urls = list(braceexpand.braceexpand(pattern))
-    return wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                          empty_check=False)
+    reads the whole split on one rank, so there is no node or worker splitting). Remote shards
+    are read within ``remote``'s bounds; a shard that cannot be read raises (an evaluation
+    that silently lost a shard would report other numbers)."""
+    policy = remote or RemotePolicy()
+
+    def opened() -> Iterator[dict[str, Any]]:
+        for url in braceexpand.braceexpand(pattern):
+            stream = open_shard(url, policy)
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    return group_by_keys(tar_file_expander(opened()))
 
 
 @dataclass
@@ -73,6 +94,8 @@ class WorkerPosition:
     consumed: int = 0
     bad_samples: int = 0
     bad_shards: int = 0
+    # Shards given up on (URL -> index of the draw that gave up): never opened again.
+    dead_shards: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,15 +172,53 @@ def decode_caption(sample: dict[str, Any]) -> str:
     return caption
 
 
-class _ShardErrorCounter:
-    """webdataset handler: count an unreadable shard or tar member and keep going."""
+class _ShardErrors:
+    """Counts unreadable shards and tar members (as webdataset's error handler) and reports a
+    shard given up on: once per shard, on stderr and in the skip list, and remembers it."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_log: SkipLog, rank: int, dead: dict[str, int]) -> None:
         self.count = 0
+        self.skip_log, self.rank, self.dead = skip_log, rank, dead
+        self.current_reported = False  # the shard being read already failed and was counted
 
     def __call__(self, exn: Exception) -> bool:
-        self.count += 1
+        if not self.current_reported:
+            self.count += 1
         return True
+
+    def opening(self) -> None:
+        self.current_reported = False
+
+    def shard_failed(self, url: str, reason: str, draw: int) -> None:
+        self.count += 1
+        self.current_reported = True
+        self.dead.setdefault(url, draw)
+        self.skip_log.record("train", url, reason)
+        print(f"rank {self.rank}: skipped shard {url}: {reason}", file=sys.stderr, flush=True)
+
+
+class _ReportingStream:
+    """A shard's byte stream that reports its first read failure (a stall past the read
+    timeout, a reset mid-shard) and fails every later read at once."""
+
+    def __init__(self, raw: Any, url: str, draw: int, errors: _ShardErrors) -> None:
+        self.raw, self.url, self.draw, self.errors = raw, url, draw, errors
+        self.failed = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self.failed:
+            raise OSError(f"{self.url}: already failed")
+        try:
+            return self.raw.read(size)
+        except Exception as error:  # whatever the transport raises
+            self.failed = True
+            self.errors.shard_failed(self.url, f"failed mid-shard: {describe_error(error)}",
+                                     self.draw)
+            raise OSError(f"{self.url}: already failed") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a broken transport may fail to close as well
+            self.raw.close()
 
 
 class StreamStalled(RuntimeError):
@@ -246,6 +307,8 @@ class ResumableStream(IterableDataset):
         shuffle_buffer: int,
         shuffle_initial: int,
         state: StreamState,
+        remote: RemotePolicy | None = None,
+        skip_log: SkipLog | None = None,
     ) -> None:
         super().__init__()
         if len(state.workers) != max(1, num_workers):
@@ -260,19 +323,42 @@ class ResumableStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_initial = min(shuffle_initial, shuffle_buffer)
         self.state = state
+        self.remote = remote or RemotePolicy()
+        self.skip_log = skip_log or SkipLog(None)
 
     def _logical_worker(self) -> int:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         return (physical + self.state.micro_batches) % self.num_workers
 
-    def _shuffled_samples(self, worker: int, errors: _ShardErrorCounter,
+    def _shuffled_samples(self, worker: int, errors: _ShardErrors,
                           watch: _SetWatch) -> Iterator[dict]:
         shard_rng = random.Random(f"shards-{self.seed}-{self.rank}-{worker}")
         urls = _watched_draws(self.shard_sets, shard_rng, watch)
-        samples = (watch.tag(sample) for sample in tarfile_samples(urls, handler=errors))
+        files = tar_file_expander(self._opened(urls, errors), handler=errors)
+        samples = (watch.tag(sample) for sample in group_by_keys(files, handler=errors))
         shuffle_rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{worker}")
         return wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=shuffle_rng)(samples)
+
+    def _opened(self, draws: Iterator[dict[str, str]],
+                errors: _ShardErrors) -> Iterator[dict[str, Any]]:
+        """The drawn shards, opened within :attr:`remote`'s bounds; each closed once it has
+        been read (the expander reads a shard to its end before asking for the next)."""
+        for draw, source in enumerate(draws):
+            url = source["url"]
+            if draw >= errors.dead.get(url, draw + 1):
+                continue  # given up on at an earlier draw: reported then, not waited for again
+            errors.opening()
+            try:
+                raw = open_shard(url, self.remote)
+            except ShardUnavailable as error:
+                errors.shard_failed(url, error.reason, draw)
+                continue
+            stream = _ReportingStream(raw, url, draw, errors)
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
 
     def _decode_seeded(self, sample: dict[str, Any], worker: int, index: int) -> tuple:
         """Decode with every RNG an augmentation may draw from seeded from the sample's place
@@ -302,18 +388,20 @@ class ResumableStream(IterableDataset):
     def _batches(self) -> Iterator[dict[str, Any]]:
         worker = self._logical_worker()
         start = self.state.workers[worker]
-        errors = _ShardErrorCounter()
+        dead = dict(start.dead_shards)
+        errors = _ShardErrors(self.skip_log, self.rank, dead)
         watch = _SetWatch(self.shard_sets)
-        bad_samples, bad_shards_before_resume = start.bad_samples, None
+        bad_samples = start.bad_samples
+        # Shard errors met while replaying were counted in the saved state, up to the sample
+        # the saved position ends at (the same point of the same stream).
+        bad_shards_before_resume = 0
         decoded: list[tuple] = []
         for index, sample in enumerate(self._shuffled_samples(worker, errors, watch)):
             set_index = sample.pop(_SET_KEY)
             if index < start.consumed:
                 watch.alive(set_index)  # it was in the stream before the resume point
-                continue  # replaying up to the resume point: no decoding
-            if bad_shards_before_resume is None:
-                # Errors met while replaying were already counted in the saved state.
                 bad_shards_before_resume = errors.count
+                continue  # replaying up to the resume point: no decoding
             try:
                 decoded.append(self._decode_seeded(sample, worker, index))
             except Exception:  # any undecodable sample is skipped and counted, never fatal
@@ -326,6 +414,7 @@ class ResumableStream(IterableDataset):
                     consumed=index + 1,
                     bad_samples=bad_samples,
                     bad_shards=start.bad_shards + errors.count - bad_shards_before_resume,
+                    dead_shards=dict(dead),
                 )
                 yield {**self.collate(decoded), "worker": worker, "position": asdict(position)}
                 decoded = []
@@ -447,9 +536,12 @@ def build_train_loader(
     scale: tuple[float, float],
     state: StreamState | None = None,
     jpeg_draft: bool = True,
+    remote: RemotePolicy | None = None,
+    skip_log: SkipLog | None = None,
 ) -> TrainLoader:
     """The image-text loader of pretraining; ``jpeg_draft``: decode large JPEGs at a reduced
-    DCT scale that still covers the augmentation (:func:`jpeg_draft_size`)."""
+    DCT scale that still covers the augmentation (:func:`jpeg_draft_size`); ``remote``: the
+    bounds on reading remote shards; ``skip_log``: where shards given up on are listed."""
     draft = jpeg_draft_size(image_size, scale) if jpeg_draft else None
     stream = ResumableStream(
         shard_sets=shard_sets,
@@ -462,5 +554,7 @@ def build_train_loader(
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
         state=state or StreamState.fresh(num_workers),
+        remote=remote,
+        skip_log=skip_log,
     )
     return TrainLoader(stream, num_workers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from data_tools.files import atomic_write_text
+from data_tools.workers import signal_when_parent_dies
 from pretrain import distributed
 from pretrain.attention import training_attention
 from pretrain.checkpoint import (
@@ -83,9 +85,10 @@ class Trainer:
     """Runs a task's schedule of optimizer steps under DeepSpeed."""
 
     def __init__(self, cfg: JobConfig, task: Task, run_dir: Path) -> None:
+        launcher = os.getppid()
         self.cfg, self.task = cfg, task
         self.run_dir = Path(run_dir)
-        distributed.init_distributed(cfg.deepspeed.backend)
+        distributed.init_distributed(cfg.deepspeed.backend, cfg.train.collective_timeout)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self.micro_batch = cfg.data.batch_size
@@ -141,6 +144,9 @@ class Trainer:
         self._skips_noted = False
         for signum in PREEMPTION_SIGNALS:
             signal.signal(signum, self._request_stop)
+        # A rank outliving its launcher (torchrun's or DeepSpeed's, killed) would train on
+        # unwatched: its death is a preemption signal, so the ranks save and exit together.
+        signal_when_parent_dies(launcher, signal.SIGTERM)
 
     # ------------------------------------------------------------------ resume
     def _resume(self, num_workers: int) -> StreamState:
@@ -183,6 +189,12 @@ class Trainer:
         """Run to the schedule's last step; returns ``"completed"`` or ``"preempted"``."""
         try:
             outcome = self._train_loop()
+        except RuntimeError as error:
+            if isinstance(error, TrainingAborted) or not distributed.is_collective_failure(error):
+                raise
+            # A rank did not arrive within train.collective_timeout: name it (on one rank).
+            report = distributed.missing_ranks_report(self.cfg.train.collective_timeout)
+            raise TrainingAborted(report and f"at step {self.step + 1}: {report}") from None
         finally:
             self.loader.close()
             self.metrics.close()
@@ -273,7 +285,7 @@ class Trainer:
                     raise TrainingAborted(
                         f"{self.nonfinite_in_a_row} non-finite losses in a row at step "
                         f"{self.step + 1}; stopping without saving (the last checkpoint is "
-                        "intact)")
+                        "intact)", every_rank=True)  # every rank counted the same flags
             window.add_time(data=fetched - start, compute=time.perf_counter() - fetched)
         mean = {key: torch.stack([o[key] for o in outputs]).mean() for key in outputs[0]}
         loss = mean.pop("loss")
@@ -368,14 +380,21 @@ class Trainer:
 
     def _log_record(self, window: _Window) -> dict[str, Any]:
         names = sorted(window.part_sums)
-        sums = distributed.all_reduce(torch.stack(
+        device = window.loss_sum.device
+        # Every rank's data wait and busy time in its own slot: the same all-reduce as the
+        # sums tells which rank waited longest (the slow one), not only rank 0's view.
+        slots = torch.zeros(2 * self.world_size, dtype=torch.float64, device=device)
+        slots[self.rank] = window.data_s
+        slots[self.world_size + self.rank] = window.data_s + window.compute_s
+        reduced = distributed.all_reduce(torch.cat([torch.stack(
             [window.loss_sum, *(window.part_sums[n] for n in names),
-             torch.tensor(float(self.loader.state.skipped), device=window.loss_sum.device)]
-        ).double())
+             torch.tensor(float(self.loader.state.skipped), device=device)]).double(), slots]))
+        sums, data_s, busy_s = reduced.split(
+            [len(reduced) - 2 * self.world_size, self.world_size, self.world_size])
+        waiter, slowest = int(data_s.argmax()), int(busy_s.argmax())
         peak = distributed.all_reduce([peak_memory_gb()], op="max")
         per_rank_steps = window.steps * self.world_size
         samples_per_s = window.steps * self.global_batch / max(window.elapsed, 1e-9)
-        busy = window.data_s + window.compute_s
         record = {
             "step": self.step,
             "samples_seen": self.samples_seen,
@@ -384,9 +403,12 @@ class Trainer:
             "lr": self.engine.get_lr()[0],
             "samples_per_s": samples_per_s,
             "samples_per_s_per_device": samples_per_s / self.world_size,
-            "data_wait_s": window.data_s,
-            "compute_s": window.compute_s,
-            "data_wait_fraction": window.data_s / max(busy, 1e-9),
+            "data_wait_s": float(data_s[waiter]),
+            "data_wait_rank": waiter,
+            "compute_s": float(busy_s[waiter] - data_s[waiter]),
+            "data_wait_fraction": float(data_s[waiter] / max(busy_s[waiter], 1e-9)),
+            "step_time_s": float(busy_s[slowest]) / window.steps,
+            "step_time_rank": slowest,
             "peak_memory_gb": float(peak[0]),
             "skipped_samples": int(sums[-1]),
             "nonfinite_batches": self.nonfinite_batches,

@@ -98,10 +98,17 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cf
     try:
         outcome = make_trainer(cfg, run_dir).train()
     except TrainingAborted as error:
-        print(f"training aborted: {error}", file=sys.stderr)
+        if error.printed_by(_launch_rank()):  # one voice: not one line per rank
+            print(f"training aborted: {error}", file=sys.stderr)
         return 1
-    print(f"{kind} {outcome} in {run_dir}")
+    if _launch_rank() == 0:
+        print(f"{kind} {outcome} in {run_dir}")
     return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank as its launcher numbered it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _evaluate_only(evaluate: Callable[[Cfg, Path, Path], dict[str, Any]] | None, cfg: Cfg,
@@ -118,7 +125,7 @@ def _evaluate_only(evaluate: Callable[[Cfg, Path, Path], dict[str, Any]] | None,
         print(f"input error: --eval-only {checkpoint}: {' '.join(str(error).split())}",
               file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":
+    if _launch_rank() == 0:
         shown = {k: v for k, v in results.items() if "." not in k}  # not per-class entries
         print(f"{kind} evaluation of {checkpoint}: {shown} (all in {run_dir / 'eval.json'})")
     return 0

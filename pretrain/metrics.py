@@ -6,6 +6,7 @@ a network; ``wandb sync`` uploads it later.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +93,29 @@ class MetricsLogger:
         with self.path.open("a") as stream:
             stream.write(strict_json({**record, "time": round(time.time(), 3)}) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(record, step=record["step"])
+            self._to_wandb(lambda: self.wandb_run.log(record, step=record["step"]))
 
     def close(self) -> None:
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self._to_wandb(self.wandb_run.finish)
             self.wandb_run = None
+
+    def _to_wandb(self, call: Callable[[], Any]) -> None:
+        """wandb mirrors ``metrics.jsonl``. Its service is a child process of rank 0, so a
+        cluster's preemption signal reaches it too (SLURM signals every process of the job,
+        DeepSpeed's launcher every descendant of a rank): when it is gone, say so once and go
+        on without it, so that the preempted step still saves its checkpoint."""
+        try:
+            call()
+        except Exception as error:  # whatever wandb raises for its lost service
+            print(f"wandb stopped logging ({type(error).__name__}: {error}); metrics.jsonl "
+                  "has every record", file=sys.stderr)
+            self.wandb_run = None
+            import wandb
+
+            # Unregisters wandb's exit hook, which would print the lost connection again.
+            with contextlib.suppress(Exception):
+                wandb.teardown()
 
 
 def _run_id(run_dir: Path) -> str:

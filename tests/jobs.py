@@ -23,9 +23,11 @@ TINY_ENCODER = [
 ]
 
 
-def start(script: str, args: list[str], ranks: int = 2) -> subprocess.Popen:
-    """Launch a job in its own process group (so a test can kill all of it)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+def start(script: str, args: list[str], ranks: int = 2,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Launch a job in its own process group (so a test can kill all of it); ``env`` adds to
+    or overrides the environment (wandb is disabled unless it says otherwise)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.Popen(
         deepspeed_command(script, args, ranks=ranks), cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

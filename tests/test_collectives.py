@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 
 from pretrain import distributed
@@ -116,3 +117,48 @@ def test_helpers_reduce_across_two_real_ranks() -> None:
                                              {"rank": 1, "boxes": [1]}],
                                  "gathered": [[0], [1, 1]] if rank == 0 else None,
                                  "broadcast": "from 1"}
+
+
+def _bounded_worker(rank: int, port: int, stalled: int, results: dict) -> None:
+    """Joins like a job (DeepSpeed's init, timeout 2 s), lets DeepSpeed create its ZeRO
+    data-parallel group, then rank ``stalled`` stops answering (alive, stuck in its data
+    loader, say) while the other enters a collective."""
+    import os
+    import time
+
+    from deepspeed.utils import groups
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    distributed.init_distributed("gloo", collective_timeout_s=2.0)
+    groups._get_data_parallel_group()  # what ZeRO all-gathers on: torch's default before
+    results[f"timeouts{rank}"] = sorted(set(distributed.group_timeouts()))
+    began = time.monotonic()
+    if rank == stalled:
+        time.sleep(7)  # past the other's timeout and roll call, then leave
+        return
+    try:
+        distributed.all_reduce([1.0])
+    except RuntimeError as error:
+        assert distributed.is_collective_failure(error)
+        results[rank] = (distributed.missing_ranks_report(2.0), time.monotonic() - began)
+
+
+@pytest.mark.parametrize("stalled", [1, 0])
+def test_a_rank_that_does_not_arrive_is_named_within_the_timeout(stalled: int) -> None:
+    """Every group (the world's and DeepSpeed's ZeRO group) waits train.collective_timeout,
+    not torch's 30 minutes; the rank left waiting names the one that did not arrive, after
+    the timeout and a roll call of the same length (rank 0 missing: rank 1 says so)."""
+    import torch.multiprocessing as mp
+
+    from pretrain.launcher import find_free_port
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_bounded_worker, args=(find_free_port(), stalled, results), nprocs=2)
+        results = dict(results)
+    assert results["timeouts0"] == results["timeouts1"] == [2.0]
+    report, took = results[1 - stalled]
+    assert report == (f"a collective waited 2 s (train.collective_timeout) for rank {stalled}, "
+                      "which did not arrive (frozen, stalled or lost)")
+    assert took < 2.0 + 2 * 2.0 + 2.0

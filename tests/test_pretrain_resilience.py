@@ -181,7 +181,9 @@ def test_bf16_stage0_updates_like_zero2(shape_shards: dict, tmp_path: Path) -> N
         assert plain[step] == pytest.approx(zero2[step], rel=2e-3), step
 
 
+@pytest.mark.slow  # the fast suite signals the whole process group (test_cluster_signals.py)
 def test_sigterm_saves_and_exits_cleanly(shape_shards: dict, tmp_path: Path) -> None:
+    """SIGTERM to the ranks alone (what srun does with --signal)."""
     run_dir = tmp_path / "run"
     process = start("pretrain.py", _args(run_dir, shape_shards["train"],
                                          "--set", "schedule.steps=500",
