@@ -7,8 +7,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import tqdm
 
 from pretrain.launcher import deepspeed_command
+
+# No tqdm monitor thread in the test process: once started it lives as long as the process, and
+# code that forks only from a single-threaded process (data_tools.workers) would then spawn,
+# whichever test happened to create the first progress bar (tests/test_data_build.py checks it).
+tqdm.tqdm.monitor_interval = 0
 
 ROOT = Path(__file__).resolve().parents[1]
 
