@@ -50,7 +50,7 @@ from bench.bench_pretrain_ddp import (  # noqa: E402
 from bench.bench_segmentation import overrides  # noqa: E402
 from data_tools.coco_synthetic import write_synthetic_coco  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
+from pretrain.engine.config import load_config  # noqa: E402
 
 CONFIG = "coco/demo"
 # bench_segmentation's shared overrides (untrained davit_tiny, no eval, a record a step, ...)
@@ -99,7 +99,7 @@ def ddp_worker(rank: int, settings: list[str], steps: int, skip: int, port: int,
     from torch.nn.parallel import DistributedDataParallel
 
     from finetune.detection.task import DetectionTask, build_detection_module
-    from pretrain.data import StreamState
+    from pretrain.engine.stream import StreamState
 
     join_ddp_group(rank, port)
     cfg = load_config(FinetuneConfig, CONFIG, settings, kind="finetune")

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pretrain.models  # noqa: E402,F401  (registers dat_pp_* and dwnet_* with timm)
+import pretrain.encoders  # noqa: E402,F401  (registers dat_pp_* and dwnet_* with timm)
 
 BASELINE = "davit_tiny"
 MODELS = (BASELINE, "dat_pp_tiny", "dwnet_tiny", "dynamic_dwnet_tiny")

@@ -42,7 +42,7 @@ from bench_open_clip_peer import patch_open_clip_train  # noqa: E402
 from data_tools.mixture import load_mixture  # noqa: E402
 from data_tools.shard_writer import Sample, shard_pattern, write_shard, write_sizes  # noqa: E402
 from data_tools.synthetic import COLORS, SHAPES, caption_for, render  # noqa: E402
-from pretrain.threads import apply_thread_policy  # noqa: E402
+from pretrain.engine.threads import apply_thread_policy  # noqa: E402
 
 WIDTH, HEIGHT = 1024, 768
 
@@ -86,8 +86,8 @@ def time_batches(iterator, batches: int, skip: int, batch_size: int) -> float:  
 
 
 def run_ours(pattern: str, args: argparse.Namespace, draft: bool) -> float:
+    from pretrain.clip_model import build_tokenizer
     from pretrain.data import build_train_loader
-    from pretrain.models.clip import build_tokenizer
 
     loader = build_train_loader(
         shard_sets=load_mixture(pattern), tokenize=build_tokenizer(77), image_size=224,
@@ -105,7 +105,7 @@ def run_open_clip(pattern: str, args: argparse.Namespace, samples: int) -> float
     from open_clip.transform import AugmentationCfg, image_transform
     from open_clip_train.data import get_wds_dataset
 
-    from pretrain.data import OPENAI_MEAN, OPENAI_STD
+    from pretrain.engine.images import OPENAI_MEAN, OPENAI_STD
 
     transform = image_transform(224, is_train=True, mean=OPENAI_MEAN, std=OPENAI_STD,
                                 aug_cfg=AugmentationCfg(scale=(0.9, 1.0)))

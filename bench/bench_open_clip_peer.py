@@ -77,7 +77,7 @@ def user_environment() -> dict[str, str]:
 
 
 def open_clip_model_config(image_size: int) -> dict:
-    """davit_tiny CLIP as ``pretrain.models.clip.build_clip`` builds it for davit_tiny.yaml."""
+    """davit_tiny CLIP as ``pretrain.clip_model.build_clip`` builds it for davit_tiny.yaml."""
     return {
         "embed_dim": 512,
         "vision_cfg": {"timm_model_name": "davit_tiny", "timm_model_pretrained": False,
@@ -258,7 +258,7 @@ def ours_worker(argv: list[str]) -> None:
     ``argv``: TIMES_JSON, then launch/pretrain.py's arguments."""
     import runpy
 
-    from pretrain import engine as engine_module
+    from pretrain.engine import trainer as engine_module
 
     times_path, argv = argv[0], argv[1:]
     timer = PhaseTimer(_sync_fn())
@@ -398,7 +398,8 @@ def mean_phases(steps: list[dict[str, float]]) -> dict[str, float]:
 
 
 def flops_per_sample(image_size: int) -> float:
-    from pretrain.config import PretrainConfig, load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.engine.config import load_config
     from pretrain.flops import train_flops_per_sample
 
     cfg = load_config(PretrainConfig, "davit_tiny", [f"model.image.image_size={image_size}"],

@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from data_tools.mixture import load_mixture  # noqa: E402
 from data_tools.synthetic import write_synthetic_shards  # noqa: E402
-from pretrain.config import PretrainConfig, load_config  # noqa: E402
+from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.engine.config import load_config  # noqa: E402
 
 RANKS = 2
 
@@ -104,9 +105,9 @@ def ddp_worker(rank: int, cfg_tree: dict, shards: str, steps: int, skip: int, po
     from open_clip.loss import ClipLoss
     from torch.nn.parallel import DistributedDataParallel
 
+    from pretrain.clip_model import build_clip, build_tokenizer
     from pretrain.clip_task import clip_param_groups
     from pretrain.data import build_train_loader
-    from pretrain.models.clip import build_clip, build_tokenizer
 
     join_ddp_group(rank, port)
     cfg = PretrainConfig.model_validate(cfg_tree)

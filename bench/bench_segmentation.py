@@ -47,7 +47,7 @@ from bench.bench_pretrain_ddp import (  # noqa: E402
 )
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.segmentation.synthetic import write_synthetic_ade  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
+from pretrain.engine.config import load_config  # noqa: E402
 
 CONFIG = "ade20k/demo"
 ENCODER = ["encoder.weights=null", "encoder.name=davit_tiny",  # the demo's encoder, untrained
@@ -79,7 +79,7 @@ def ddp_worker(rank: int, settings: list[str], steps: int, skip: int, port: int,
     from torch.nn.parallel import DistributedDataParallel
 
     from finetune.segmentation.task import SegmentationTask
-    from pretrain.data import StreamState
+    from pretrain.engine.stream import StreamState
 
     join_ddp_group(rank, port)
     cfg = load_config(FinetuneConfig, CONFIG, settings, kind="finetune")

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_tools.synthetic import COLORS, write_synthetic_shards  # noqa: E402
-from pretrain.launcher import deepspeed_command  # noqa: E402
-from pretrain.metrics import read_training_metrics  # noqa: E402
+from pretrain.engine.launcher import deepspeed_command  # noqa: E402
+from pretrain.engine.run_log import read_training_metrics  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, SXM parts
 TINY_IMAGE = "{depths: [1, 1, 1, 1], embed_dims: [16, 32, 48, 64], num_heads: [1, 1, 1, 2]}"

@@ -3,12 +3,12 @@ followed by a LayerNorm, as the official DaViT / DAT++ / DWNet detection and seg
 backbones have (timm's feature outputs are the raw stage outputs).
 
 Task-agnostic on purpose (segmentation uses it; detection will): the encoder comes from a
-:class:`~pretrain.models.spec.ModelSpec` and a weights file, the output is a list of NCHW maps,
+:class:`~pretrain.encoders.spec.ModelSpec` and a weights file, the output is a list of NCHW maps,
 and :attr:`Backbone.channels` / :attr:`Backbone.strides` describe them.
 
 Weights (all or nothing, one error listing what does not fit):
 
-- an encoder checkpoint of any origin :mod:`pretrain.models.weights` reads (our pretraining
+- an encoder checkpoint of any origin :mod:`pretrain.encoders.weights` reads (our pretraining
   export ``encoder.pt``, official classification releases, timm): the trunk loads, the per-level
   norms start fresh;
 - an official mmseg / mmdet checkpoint: its ``backbone.*`` entries, the trunk in the official
@@ -33,8 +33,8 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from finetune.transfer import build_encoder
-from pretrain.models.spec import ModelSpec
-from pretrain.models.weights import (
+from pretrain.encoders.spec import ModelSpec
+from pretrain.encoders.weights import (
     WeightsMismatchError,
     check_encoder_weights,
     convert_state_dict,

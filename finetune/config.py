@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pretrain.config import EvalConfig, JobConfig, Section, StreamConfig
+from pretrain.engine.config import EvalConfig, JobConfig, Section, StreamConfig
 
 
 class EncoderConfig(Section):

@@ -1,7 +1,8 @@
 """The fine-tuning tasks by name: what ``task:`` in a config selects.
 
 For each task: how to check the inputs its config names before any process starts (``--check``
-on a login node, and every rank at start-up), and how to build its :class:`~pretrain.task.Task`.
+on a login node, and every rank at start-up), and how to build its
+:class:`~pretrain.engine.task.Task`.
 Task modules are imported only when used, so checking a config imports no DeepSpeed.
 """
 
@@ -18,8 +19,8 @@ from finetune.config import (
     EncoderConfig,
     SegmentationConfig,
 )
-from pretrain.config import JobConfig
-from pretrain.task import Task
+from pretrain.engine.config import JobConfig
+from pretrain.engine.task import Task
 
 TASK_CLASSES = {"classification": "finetune.classification.task:ClassificationTask",
                 "segmentation": "finetune.segmentation.task:SegmentationTask",
@@ -39,7 +40,7 @@ def check_encoder(encoder: EncoderConfig, **timm_kwargs: int) -> None:
     """The encoder can be built and ``encoder.weights`` would load into it, or ``ValueError`` /
     ``FileNotFoundError`` with one line naming the file and the problem."""
     from finetune.transfer import check_weights, resolve_spec
-    from pretrain.models.weights import WeightsMismatchError
+    from pretrain.encoders.weights import WeightsMismatchError
 
     weights = encoder.weights
     if weights is not None and not Path(weights).is_file():
@@ -57,7 +58,7 @@ def check_encoder(encoder: EncoderConfig, **timm_kwargs: int) -> None:
     except pickle.UnpicklingError:
         raise ValueError(f"encoder.weights {weights}: holds objects other than tensors, plain "
                          "containers and run configuration; refusing to unpickle it (see "
-                         "pretrain.models.weights to re-save a trusted file)") from None
+                         "pretrain.encoders.weights to re-save a trusted file)") from None
     except ValueError as error:
         message = " ".join(str(error).split())  # one line
         raise ValueError(message if str(weights) in message

@@ -1,8 +1,8 @@
 """Bring a pretrained encoder into a fine-tuning model.
 
 The encoder comes from an export of this project (``encoder.pt`` / ``classifier.pt``, whose
-:class:`~pretrain.models.spec.ModelSpec` says how to rebuild it) or from any checkpoint
-:mod:`pretrain.models.weights` understands (official DaViT / DAT++ / DWNet, timm), with the
+:class:`~pretrain.encoders.spec.ModelSpec` says how to rebuild it) or from any checkpoint
+:mod:`pretrain.encoders.weights` understands (official DaViT / DAT++ / DWNet, timm), with the
 architecture named by the caller. Every read goes through that module's safe loader.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.models.spec import ModelSpec, read_spec
-from pretrain.models.weights import check_encoder_weights, load_encoder_weights
+from pretrain.encoders.spec import ModelSpec, read_spec
+from pretrain.encoders.weights import check_encoder_weights, load_encoder_weights
 
 
 def resolve_spec(weights: str | None, name: str | None, overrides: dict[str, Any]) -> ModelSpec:

@@ -19,13 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data_tools.synthetic import write_synthetic_shards, zero_shot_prompts
+from pretrain.engine.launcher import deepspeed_command
+from pretrain.engine.report import format_table, plot_training
+from pretrain.engine.threads import apply_thread_policy
 
-from data_tools.synthetic import write_synthetic_shards, zero_shot_prompts  # noqa: E402
-from pretrain.launcher import deepspeed_command  # noqa: E402
-from pretrain.report import format_table, plot_training  # noqa: E402
-from pretrain.threads import apply_thread_policy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SPLITS = {  # name: (samples, seed); different seeds give disjoint draws
     "train": (4096, 0),
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary(pretrain_dir: Path, zero_shot: dict, finetune: dict, segmentation: dict,
              detection: dict, wall_s: float) -> dict:
-    from pretrain.metrics import read_training_metrics
+    from pretrain.engine.run_log import read_training_metrics
 
     records = read_training_metrics(pretrain_dir / "metrics.jsonl")
     steady = records[1:] or records  # the first window includes start-up

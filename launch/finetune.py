@@ -13,17 +13,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.config import FinetuneConfig  # noqa: E402
-from finetune.tasks import check_inputs  # noqa: E402
-from pretrain.config import JobConfig  # noqa: E402
-from pretrain.job_cli import run_job, skip_final_garbage_collection  # noqa: E402
+from finetune.config import FinetuneConfig
+from finetune.tasks import check_inputs
+from pretrain.engine.config import JobConfig
+from pretrain.engine.job_cli import run_job, skip_final_garbage_collection
 
 
 def make_trainer(cfg: JobConfig, run_dir: Path):  # noqa: ANN201 (imports DeepSpeed late)
     from finetune.tasks import build_task
-    from pretrain.engine import Trainer
+    from pretrain.engine.trainer import Trainer
 
     return Trainer(cfg, build_task(cfg), run_dir)
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_tools.mixture import check_samples, load_mixture  # noqa: E402
-from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.job_cli import run_job, skip_final_garbage_collection  # noqa: E402
+from data_tools.mixture import check_samples, load_mixture
+from pretrain.config import PretrainConfig
+from pretrain.engine.job_cli import run_job, skip_final_garbage_collection
 
 
 def make_trainer(cfg: PretrainConfig, run_dir: Path):  # noqa: ANN201 (imports DeepSpeed late)
     from pretrain.clip_task import ClipTask
-    from pretrain.engine import Trainer
+    from pretrain.engine.trainer import Trainer
 
     return Trainer(cfg, ClipTask(cfg), run_dir)
 

@@ -1,6 +1,6 @@
 """Evaluations of a CLIP model: zero-shot classification and image-text retrieval.
 
-Both are :class:`~pretrain.task.Evaluator` s, so the same objects run inside training (every
+Both are :class:`~pretrain.engine.task.Evaluator` s, so the same objects run inside training (every
 ``eval.every`` steps, on every rank over its slice, through the trainer) and on an export
 (``python -m pretrain.evaluate``, one process). The module they are given is the trainer's
 ``ContrastiveTask`` (or any module with a ``clip`` attribute): they call
@@ -28,11 +28,11 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from PIL import Image
 from torch import nn
 
-from pretrain import distributed
 from pretrain.config import RetrievalEval, ZeroShotEval
-from pretrain.data import decode_image
-from pretrain.eval_data import SlicedSplit, image_folder, sliced_loader
-from pretrain.task import Batch, Evaluator
+from pretrain.engine import distributed
+from pretrain.engine.eval_slices import SlicedSplit, image_folder, sliced_loader
+from pretrain.engine.images import decode_image
+from pretrain.engine.task import Batch, Evaluator
 
 Template = str | Callable[[str], str]
 RECALL_AT = (1, 5, 10)

@@ -10,16 +10,17 @@ import deepspeed
 import torch
 
 from data_tools.mixture import load_mixture
-from pretrain import distributed
 from pretrain.clip_eval import clip_evaluators
+from pretrain.clip_model import build_clip, build_tokenizer
 from pretrain.config import PretrainConfig
-from pretrain.data import StreamState, TrainLoader, build_train_loader, eval_transform
+from pretrain.data import build_train_loader, eval_transform
+from pretrain.engine import distributed
+from pretrain.engine.skipped import SkipLog
+from pretrain.engine.stream import StreamState, TrainLoader
+from pretrain.engine.task import Evaluator, Task, stream_epoch_samples
 from pretrain.export import write_clip_exports
 from pretrain.flops import train_flops_per_sample
 from pretrain.loss import ContrastiveTask, build_loss
-from pretrain.models.clip import build_clip, build_tokenizer
-from pretrain.skipped import SkipLog
-from pretrain.task import Evaluator, Task, stream_epoch_samples
 from pretrain.warm_start import warm_start
 
 

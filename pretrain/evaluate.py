@@ -24,12 +24,12 @@ import yaml
 from torch import nn
 
 from pretrain.clip_eval import clip_evaluators
+from pretrain.clip_model import build_tokenizer
 from pretrain.config import PretrainEvalConfig, RetrievalEval, ZeroShotEval
 from pretrain.data import eval_transform
+from pretrain.engine.task import run_evaluation
+from pretrain.engine.threads import apply_thread_policy
 from pretrain.export import load_exported_clip
-from pretrain.models.clip import build_tokenizer
-from pretrain.task import run_evaluation
-from pretrain.threads import apply_thread_policy
 
 
 class _ClipHolder(nn.Module):

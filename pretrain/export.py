@@ -3,18 +3,18 @@
 Writes, under ``RUN_DIR/export/``:
 
 * ``encoder.pt`` — the image encoder (the timm trunk) as ``{"state_dict", "spec"}``, the spec a
-  :class:`~pretrain.models.spec.ModelSpec` (timm name + overrides, no classifier); this is what
+  :class:`~pretrain.encoders.spec.ModelSpec` (timm name + overrides, no classifier); this is what
   fine-tuning loads.
 * ``clip.pt`` — the whole CLIP model and its model config, for zero-shot evaluation.
 * ``open_clip/`` — ``open_clip_config.json`` (model and preprocessing config) and
   ``open_clip_model.safetensors``, the layout open_clip loads itself:
   ``open_clip.create_model_and_transforms("local-dir:RUN_DIR/export/open_clip")`` and
   ``open_clip.get_tokenizer("local-dir:...")``. The image tower is open_clip's timm tower, so the
-  encoder must be registered with timm first: ``import pretrain.models`` for DAT++ / DWNet, and
+  encoder must be registered with timm first: ``import pretrain.encoders`` for DAT++ / DWNet, and
   :func:`register_open_clip_export` for an architecture the config shrank (the demo's), which
   registers it under the name the config file uses.
 * ``timm/`` — the image encoder for timm users (``model.safetensors`` + ``config.json``, see
-  :mod:`pretrain.models.timm_export`): ``timm.create_model("local-dir:RUN_DIR/export/timm")``,
+  :mod:`pretrain.encoders.timm_export`): ``timm.create_model("local-dir:RUN_DIR/export/timm")``,
   or ``pretrained_cfg_overlay=dict(file=...)``, and smp's ``tu-`` encoders through the same
   keyword arguments.
 
@@ -36,12 +36,12 @@ import torch
 import yaml
 
 from data_tools.files import atomic_torch_save, atomic_write, atomic_write_text
-from pretrain.checkpoint import fp32_state_dict
+from pretrain.clip_model import build_clip, register_variant
 from pretrain.config import ModelConfig
-from pretrain.data import OPENAI_MEAN, OPENAI_STD
-from pretrain.models.clip import build_clip, register_variant
-from pretrain.models.spec import SPEC_KEY, ModelSpec
-from pretrain.models.timm_export import write_timm_export
+from pretrain.encoders.spec import SPEC_KEY, ModelSpec
+from pretrain.encoders.timm_export import write_timm_export
+from pretrain.engine.checkpoint import fp32_state_dict
+from pretrain.engine.images import OPENAI_MEAN, OPENAI_STD
 
 TRUNK_PREFIX = "clip.visual.trunk."
 CLIP_PREFIX = "clip."
@@ -74,7 +74,7 @@ def image_pretrained_cfg(model_cfg: ModelConfig) -> dict[str, Any]:
 
 def open_clip_model_cfg(model_cfg: ModelConfig) -> dict[str, Any]:
     """The ``model_cfg`` open_clip builds the same ``CLIP`` from (see
-    :func:`pretrain.models.clip.build_clip`)."""
+    :func:`pretrain.clip_model.build_clip`)."""
     image, text = model_cfg.image, model_cfg.text
     return {
         "embed_dim": model_cfg.embed_dim,

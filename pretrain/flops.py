@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -12,7 +10,7 @@ from pretrain.config import ModelConfig
 
 def clip_forward_flops(cfg: ModelConfig) -> dict[str, float]:
     """Forward FLOPs (multiply and add counted separately) per sample of each tower."""
-    from pretrain.models.clip import build_clip
+    from pretrain.clip_model import build_clip
 
     with torch.device("meta"):
         clip = build_clip(cfg)
@@ -31,14 +29,3 @@ def clip_forward_flops(cfg: ModelConfig) -> dict[str, float]:
 def train_flops_per_sample(cfg: ModelConfig) -> float:
     """Training FLOPs per sample: forward + backward is about three forwards."""
     return 3.0 * sum(clip_forward_flops(cfg).values())
-
-
-def image_model_train_flops(build: Callable[[], torch.nn.Module], image_size: int) -> float:
-    """Training FLOPs per sample of an image model (e.g. a fine-tuning classifier): three
-    forwards of one ``image_size`` image, counted on the meta device."""
-    with torch.device("meta"):
-        model = build()
-        image = torch.empty(1, 3, image_size, image_size)
-    with FlopCounterMode(display=False) as counter:
-        model(image)
-    return 3.0 * float(counter.get_total_flops())

@@ -28,7 +28,8 @@ What it counts, per GPU (or per rank on a CPU), for one micro-batch:
   ``scaled_dot_product_attention`` falls back to its math path and saves the attention matrix;
   the fused kernels real runs use (flash attention on GPUs, its CPU port) save only q, k, v,
   the output and the log-sum-exp. Where training itself runs the math kernel (bf16/fp16 on
-  CPUs under ``train.attention_kernel: auto``, or ``math`` anywhere; ``pretrain/attention.py``)
+  CPUs under ``train.attention_kernel: auto``, or ``math`` anywhere;
+  ``pretrain/engine/attention.py``)
   the forward is measured under that kernel, attention matrices included.
 * **contrastive logits**: with ``local_loss`` each rank scores its micro-batch against the
   whole gathered batch, micro x (micro x world) logits per direction; the saved tensors of that
@@ -54,11 +55,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
 
-from pretrain.attention import training_attention
-from pretrain.config import AttentionKernel, ModelConfig, PretrainConfig
-from pretrain.deepspeed_config import deepspeed_config
-from pretrain.job_cli import load_or_report
-from pretrain.threads import apply_thread_policy
+from pretrain.config import ModelConfig, PretrainConfig
+from pretrain.engine.attention import training_attention
+from pretrain.engine.config import AttentionKernel
+from pretrain.engine.deepspeed_config import deepspeed_config
+from pretrain.engine.job_cli import load_or_report
+from pretrain.engine.threads import apply_thread_policy
 
 GB = 2**30
 Device = Literal["gpu", "cpu"]
@@ -205,7 +207,7 @@ def measure_model(cfg: ModelConfig, precision: str, persistence_threshold: float
     """Build the CLIP model of ``cfg`` on the meta device, move it to fake CPU tensors and
     measure parameters and activations in the training dtype (DeepSpeed casts the whole module
     to bf16/fp16), under the attention kernel training on ``device`` picks."""
-    from pretrain.models.clip import build_clip
+    from pretrain.clip_model import build_clip
 
     with torch.device("meta"):
         clip = build_clip(cfg).to(DTYPES[precision])

@@ -16,14 +16,14 @@ import deepspeed
 import torch
 from torch import nn
 
-from pretrain import distributed
 from pretrain.config import ModelConfig, WarmStart
-from pretrain.models.weights import (
+from pretrain.encoders.weights import (
     WeightsMismatchError,
     check_encoder_weights,
     load_encoder_weights,
     read_state_dict,
 )
+from pretrain.engine import distributed
 
 
 def _fit_clip_state(state: dict[str, torch.Tensor], clip: nn.Module, path: str
@@ -74,7 +74,7 @@ def warm_start(clip: nn.Module, init: WarmStart) -> None:
 def check_warm_start(model_cfg: ModelConfig) -> None:
     """``--check``: the warm-start files exist and fit the model (built on the meta device);
     raises ``FileNotFoundError`` / ``ValueError`` with one line naming the file."""
-    from pretrain.models.clip import build_clip
+    from pretrain.clip_model import build_clip
 
     init = model_cfg.init_from
     for field, path in (("clip", init.clip), ("image", init.image)):

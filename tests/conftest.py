@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tqdm
 
-from pretrain.launcher import deepspeed_command
+from pretrain.engine.launcher import deepspeed_command
 
 # No tqdm monitor thread in the test process: once started it lives as long as the process, and
 # code that forks only from a single-threaded process (data_tools.workers) would then spawn,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from pretrain.launcher import deepspeed_command
-from pretrain.metrics import read_metrics
+from pretrain.engine.launcher import deepspeed_command
+from pretrain.engine.run_log import read_metrics
 from tests.conftest import ROOT, run_deepspeed
 
 # A fine-tuning job's encoder trained from scratch (no pretraining run needed), as --set args.

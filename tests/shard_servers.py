@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from pretrain.launcher import find_free_port
+from pretrain.engine.launcher import find_free_port
 
 # The longest a stalled response holds its connection open (the server's own bound).
 STALL_LIMIT_S = 60

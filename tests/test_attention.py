@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from pretrain.attention import training_attention, uses_math_kernel
-from pretrain.config import ConfigError, PretrainConfig, load_config
+from pretrain.config import PretrainConfig
+from pretrain.engine.attention import training_attention, uses_math_kernel
+from pretrain.engine.config import ConfigError, load_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from finetune.backbone import Backbone, check_backbone_weights
-from pretrain.models.spec import SPEC_KEY, ModelSpec
-from pretrain.models.weights import WeightsMismatchError
+from pretrain.encoders.spec import SPEC_KEY, ModelSpec
+from pretrain.encoders.weights import WeightsMismatchError
 
 SPECS = {
     "davit": ModelSpec("davit_tiny", {"depths": [1, 1, 1, 1], "embed_dims": [16, 32, 48, 64],

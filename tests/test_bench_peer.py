@@ -19,9 +19,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_open_clip_peer as peer  # noqa: E402
 
-from pretrain.config import PretrainConfig, load_config  # noqa: E402
-from pretrain.data import decode_image, jpeg_draft_size  # noqa: E402
-from pretrain.models.clip import build_clip  # noqa: E402
+from pretrain.clip_model import build_clip  # noqa: E402
+from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.engine.config import load_config  # noqa: E402
+from pretrain.engine.images import decode_image, jpeg_draft_size  # noqa: E402
 
 
 def _jpeg(width: int, height: int) -> bytes:

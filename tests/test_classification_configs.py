@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from finetune.config import FinetuneConfig
-from pretrain.config import CONFIG_ROOT, ConfigError, load_config
-from pretrain.models.spec import ModelSpec
+from pretrain.encoders.spec import ModelSpec
+from pretrain.engine.config import CONFIG_ROOT, ConfigError, load_config
+from pretrain.engine.schedule import resolve_schedule
 from pretrain.published import published
-from pretrain.schedule import resolve_schedule
 
 RECIPES = sorted((CONFIG_ROOT / "finetune" / "imagenet").glob("*.yaml"))
 IMAGENET_TRAIN = 1281167

@@ -86,7 +86,7 @@ def test_exports_load_in_timm(reference: Path) -> None:
         with torch.no_grad():
             outputs[name] = model(images)
     payload = torch.load(export / "classifier.pt", weights_only=True)
-    from pretrain.models.spec import ModelSpec
+    from pretrain.encoders.spec import ModelSpec
 
     ours = ModelSpec.from_dict(payload["spec"]).build_timm().eval()
     ours.load_state_dict(payload["state_dict"])

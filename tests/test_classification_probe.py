@@ -11,8 +11,8 @@ import torch
 
 from data_tools.imagefolder_synthetic import write_synthetic_imagefolder
 from finetune.config import FinetuneConfig
-from pretrain.config import load_config
-from pretrain.data import StreamState
+from pretrain.engine.config import load_config
+from pretrain.engine.stream import StreamState
 
 TINY = "{depths: [1, 1, 1, 1], embed_dims: [16, 32, 48, 64], num_heads: [1, 1, 1, 2]}"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.launcher import find_free_port
-from pretrain.metrics import read_training_metrics
+from pretrain.engine.launcher import find_free_port
+from pretrain.engine.run_log import read_training_metrics
 from tests.conftest import ROOT, TINY_MODEL
 from tests.jobs import logged_step, rank_processes, start, wait_for
 

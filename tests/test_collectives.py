@@ -1,4 +1,4 @@
-"""Every collective goes through pretrain.distributed, which places tensors where the backend
+"""Every collective goes through pretrain.engine.distributed, which places tensors where the backend
 needs them (NCCL: the rank's GPU). gloo accepts CPU tensors, so a direct call elsewhere would pass
 every test here and fail on the first multi-GPU step: this test keeps them out."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import distributed
+from pretrain.engine import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pretrain", "finetune", "data_tools", "launch")
@@ -105,7 +105,7 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
 def test_helpers_reduce_across_two_real_ranks() -> None:
     import torch.multiprocessing as mp
 
-    from pretrain.launcher import find_free_port
+    from pretrain.engine.launcher import find_free_port
 
     with mp.Manager() as manager:
         results = manager.dict()
@@ -151,7 +151,7 @@ def test_a_rank_that_does_not_arrive_is_named_within_the_timeout(stalled: int) -
     the timeout and a roll call of the same length (rank 0 missing: rank 1 says so)."""
     import torch.multiprocessing as mp
 
-    from pretrain.launcher import find_free_port
+    from pretrain.engine.launcher import find_free_port
 
     with mp.Manager() as manager:
         results = manager.dict()

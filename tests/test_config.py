@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from finetune.config import ClassificationConfig, FinetuneConfig
-from pretrain.config import (
-    ConfigError,
-    EvalConfig,
-    PretrainConfig,
-    ScheduleConfig,
-    load_config,
-)
-from pretrain.schedule import resolve_schedule
+from pretrain.config import PretrainConfig
+from pretrain.engine.config import ConfigError, EvalConfig, ScheduleConfig, load_config
+from pretrain.engine.schedule import resolve_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ def shards(tmp_path: Path) -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_tools.inspect", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "data_tools.inspect_shards", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

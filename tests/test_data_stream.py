@@ -24,9 +24,12 @@ from test_data_helpers import gradient_jpeg
 
 from data_tools.mixture import ShardSet, check_samples, load_mixture
 from data_tools.shard_writer import Sample, write_shard, write_sizes
-from pretrain.data import ResumableStream, StreamState, TrainLoader, decode_caption, decode_image
-from pretrain.engine import TrainingAborted
-from pretrain.launcher import deepspeed_command
+from pretrain.data import decode_caption
+from pretrain.engine.images import decode_image
+from pretrain.engine.launcher import deepspeed_command
+from pretrain.engine.shard_stream import ResumableStream
+from pretrain.engine.stream import StreamState, TrainLoader
+from pretrain.engine.trainer import TrainingAborted
 
 ROOT = Path(__file__).resolve().parents[1]
 

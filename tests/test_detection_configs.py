@@ -9,7 +9,7 @@ import torch
 from finetune.config import DetectionConfig, FinetuneConfig
 from finetune.detection.task import build_detection_module
 from finetune.transfer import resolve_spec
-from pretrain.config import CONFIG_ROOT, ConfigError, load_config
+from pretrain.engine.config import CONFIG_ROOT, ConfigError, load_config
 from pretrain.published import published
 
 COCO = CONFIG_ROOT / "finetune" / "coco"

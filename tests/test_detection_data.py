@@ -24,9 +24,9 @@ from finetune.detection.data import (
     DetectionAugment,
     aspect_group,
 )
-from pretrain.data import StreamState, TrainLoader
-from pretrain.errors import TrainingAborted
-from pretrain.skipped import SkipLog, read_skipped
+from pretrain.engine.errors import TrainingAborted
+from pretrain.engine.skipped import SkipLog, read_skipped
+from pretrain.engine.stream import StreamState, TrainLoader
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from finetune.backbone import Backbone
 from finetune.config import DetectionConfig
 from finetune.detection.cascade import CascadeRoIHeads, _class_deltas
 from finetune.detection.task import build_detection_module
-from pretrain.models.spec import ModelSpec
+from pretrain.encoders.spec import ModelSpec
 from tests.test_backbone import SPECS, _official_checkpoint, _randomise_norms
 
 SMALL_HEADS = {"fpn_channels": 32, "head_channels": 32, "fc_channels": 64}

@@ -16,7 +16,7 @@ import torch
 
 from data_tools.coco_synthetic import write_synthetic_coco
 from finetune.config import FinetuneConfig
-from pretrain.config import load_config
+from pretrain.engine.config import load_config
 from tests.conftest import run_deepspeed
 from tests.jobs import TINY_ENCODER as ENCODER
 from tests.jobs import interrupt_and_resume, losses, records

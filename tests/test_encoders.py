@@ -10,10 +10,10 @@ from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.models import ENCODERS
-from pretrain.models.dat import NeighborhoodAttention, neighbourhood_macs
-from pretrain.models.dwnet import DynamicDWConv, PatchMerging
-from pretrain.models.summary import measure
+from pretrain.encoders import ENCODERS
+from pretrain.encoders.dat import NeighborhoodAttention, neighbourhood_macs
+from pretrain.encoders.dwnet import DynamicDWConv, PatchMerging
+from pretrain.encoders.summary import measure
 from pretrain.published import published
 
 PUBLISHED = published("classification_imagenet1k")

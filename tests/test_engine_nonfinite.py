@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pretrain.engine import Trainer, TrainingAborted, _Window
+from pretrain.engine.trainer import Trainer, TrainingAborted, _Window
 
 
 class CountingEngine:

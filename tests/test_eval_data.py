@@ -7,8 +7,8 @@ from pathlib import Path
 
 from data_tools.shard_writer import Sample, write_shard
 from data_tools.synthetic import generate
-from pretrain.data import decode_image
-from pretrain.eval_data import SlicedSplit
+from pretrain.engine.eval_slices import SlicedSplit
+from pretrain.engine.images import decode_image
 
 
 def _split(directory: Path) -> str:

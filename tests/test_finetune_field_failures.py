@@ -36,8 +36,8 @@ import torch
 
 from data_tools.coco_synthetic import write_synthetic_coco
 from finetune.segmentation.synthetic import write_synthetic_ade
-from pretrain.launcher import deepspeed_command
-from pretrain.skipped import read_skipped
+from pretrain.engine.launcher import deepspeed_command
+from pretrain.engine.skipped import read_skipped
 from tests.conftest import ROOT
 from tests.jobs import TINY_ENCODER
 
@@ -77,7 +77,7 @@ def _check(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, fl
     (exit code, stderr, seconds)."""
     from finetune.config import FinetuneConfig
     from finetune.tasks import check_inputs
-    from pretrain.job_cli import run_job
+    from pretrain.engine.job_cli import run_job
 
     capsys.readouterr()
     started = time.monotonic()
@@ -276,7 +276,7 @@ def _export_segmenter(ade: Path, out: Path, decoder_channels: int) -> Path:
     """A segmenter.pt as a finished run exports it (random weights), built in this process."""
     from finetune.config import FinetuneConfig
     from finetune.segmentation.task import SegmentationTask, build_segmentation_module
-    from pretrain.config import load_config
+    from pretrain.engine.config import load_config
 
     overrides = [a for a in _ade_args(out, ade) if a != "--set" and "=" in a]
     cfg = load_config(FinetuneConfig, "ade20k/demo",
@@ -348,7 +348,7 @@ def test_detection_eval_only_needs_no_training_json(coco: Path, tmp_path: Path) 
     from finetune.config import FinetuneConfig
     from finetune.detection.coco import CocoIndex
     from finetune.detection.task import DetectionTask, build_detection_module
-    from pretrain.config import load_config
+    from pretrain.engine.config import load_config
 
     root = _copy(coco, tmp_path / "coco")
     overrides = [a for a in TINY_DETECTOR if a != "--set"] + [f"data.root={root}"]
@@ -377,8 +377,8 @@ def test_detection_eval_only_needs_no_training_json(coco: Path, tmp_path: Path) 
 
 def test_classification_eval_only_takes_a_timm_export_folder(tmp_path: Path) -> None:
     from data_tools.imagefolder_synthetic import write_synthetic_imagefolder
-    from pretrain.models.spec import ModelSpec
-    from pretrain.models.timm_export import write_timm_export
+    from pretrain.encoders.spec import ModelSpec
+    from pretrain.encoders.timm_export import write_timm_export
 
     val = tmp_path / "val"
     write_synthetic_imagefolder(val, num_classes=4, per_class=3, seed=1, image_size=32)
@@ -410,7 +410,7 @@ def _strict(text: str) -> object:
 
 def test_a_class_without_iou_is_null_in_eval_json_and_metrics(tmp_path: Path) -> None:
     from finetune.segmentation.metrics import scores
-    from pretrain.metrics import MetricsLogger, read_metrics, write_eval_json
+    from pretrain.engine.run_log import MetricsLogger, read_metrics, write_eval_json
 
     # class 2 is neither in the ground truth nor predicted: mmseg's "no IoU"
     results = scores(torch.tensor([[5, 1, 0], [0, 4, 0], [0, 0, 0]]), ["a", "b", "c"])
@@ -430,7 +430,7 @@ def test_a_class_without_iou_is_null_in_eval_json_and_metrics(tmp_path: Path) ->
 _FAILING_WORKER = """
 import torch
 from torch.utils.data import IterableDataset
-from pretrain.data import StreamState, TrainLoader
+from pretrain.engine.stream import StreamState, TrainLoader
 
 class Failing(IterableDataset):
     state = StreamState.fresh(2)
@@ -463,7 +463,7 @@ def test_check_lets_a_few_missing_files_through(coco: Path, tmp_path: Path) -> N
     listed at run time); only a folder without most of the json's files is refused."""
     from finetune.config import FinetuneConfig
     from finetune.tasks import check_inputs
-    from pretrain.config import load_config
+    from pretrain.engine.config import load_config
 
     root = _copy(coco, tmp_path / "coco")
     sorted((root / "train2017").iterdir())[0].unlink()
@@ -479,7 +479,7 @@ def test_classification_validation_counts_a_slices_last_unreadable_images(tmp_pa
     from data_tools.imagefolder_synthetic import write_synthetic_imagefolder
     from finetune.classification.data import collate_labelled
     from finetune.classification.imagefolder import ImageFolderSplit
-    from pretrain.skipped import SkipLog
+    from pretrain.engine.skipped import SkipLog
 
     write_synthetic_imagefolder(tmp_path / "val", num_classes=2, per_class=5, seed=1,
                                 image_size=16)

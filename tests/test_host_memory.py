@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 PROBE = """
 import ctypes, resource, sys
-from pretrain.host_memory import keep_freed_host_memory
+from pretrain.engine.host_memory import keep_freed_host_memory
 if sys.argv[1] == "keep":
     assert keep_freed_host_memory()
 libc = ctypes.CDLL("libc.so.6")

@@ -14,7 +14,7 @@ from data_tools.imagefolder import imagefolder_to_shards, read_classes, scan_ima
 from data_tools.imagefolder_synthetic import write_synthetic_imagefolder
 from finetune.classification.data import collate_labelled
 from finetune.classification.imagefolder import ImageFolderSplit, ImageFolderStream
-from pretrain.data import StreamState, TrainLoader
+from pretrain.engine.stream import StreamState, TrainLoader
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_command_line(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_a_folder_of_undecodable_files_ends_the_run_in_one_line(tmp_path: Path) -> None:
-    from pretrain.errors import TrainingAborted
+    from pretrain.engine.errors import TrainingAborted
 
     for wnid in ("n01440764", "n01443537"):
         (tmp_path / wnid).mkdir()

@@ -84,7 +84,7 @@ def downloaded(tmp_path: Path) -> Path:
 
 
 def inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_tools.inspect", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "data_tools.inspect_shards", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import PretrainConfig, load_config
-from pretrain.metrics import read_metrics
+from pretrain.config import PretrainConfig
+from pretrain.engine.config import load_config
+from pretrain.engine.run_log import read_metrics
 from pretrain.plan import GB, Plan, estimate, format_plan, main, make_plan
 from tests.conftest import run_deepspeed
 

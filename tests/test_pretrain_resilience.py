@@ -13,8 +13,8 @@ import pytest
 
 from data_tools.shard_writer import Sample, write_shard, write_sizes
 from data_tools.synthetic import generate
-from pretrain.distributed import SHM_DIR, SHM_PREFIX
-from pretrain.metrics import read_metrics
+from pretrain.engine.distributed import SHM_DIR, SHM_PREFIX
+from pretrain.engine.run_log import read_metrics
 from tests.conftest import ROOT, TINY_MODEL, run_deepspeed
 from tests.jobs import interrupt_and_resume, logged_step, losses, rank_processes, start, wait_for
 
@@ -54,8 +54,8 @@ def _export_equals_engine_weights(run_dir: Path, gathered: Path) -> None:
 
     import torch
 
+    from pretrain.engine.launcher import deepspeed_command
     from pretrain.export import load_exported_clip
-    from pretrain.launcher import deepspeed_command
 
     script = str(ROOT / "tests" / "scripts" / "gather_engine_weights.py")
     command = deepspeed_command("pretrain.py", [str(run_dir), str(gathered)], 2)
@@ -138,7 +138,7 @@ def test_resume_is_exact_at_every_zero_stage(stage: int, offload: bool, how: str
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_with_activation_checkpointing_resumes_exactly(stage: int, shape_shards: dict,
                                                            tmp_path: Path) -> None:
-    """bf16 on a CPU trains with the math attention kernel (pretrain/attention.py), and
+    """bf16 on a CPU trains with the math attention kernel (pretrain/engine/attention.py), and
     activation checkpointing recomputes the forward inside the backward: that recompute must
     pick the same kernel. Killed and resumed, the run logs the same losses as an uninterrupted
     one, and the export holds the fp32 master weights (not the engine's bf16 copies)."""

@@ -13,9 +13,9 @@ import timm
 import torch
 
 from data_tools.synthetic import COLORS, zero_shot_prompts
-from pretrain.data import OPENAI_MEAN
-from pretrain.metrics import read_metrics
-from pretrain.models.spec import ModelSpec
+from pretrain.encoders.spec import ModelSpec
+from pretrain.engine.images import OPENAI_MEAN
+from pretrain.engine.run_log import read_metrics
 from tests.conftest import TINY_MODEL, run_deepspeed
 
 STEPS = 60
@@ -34,7 +34,7 @@ def colour_folder(shape_shards: dict[str, str], tmp_path_factory: pytest.TempPat
                   ) -> tuple[Path, Path]:
     """The held-out shapes as an ImageFolder with one folder per colour (the layout of
     ImageNet val), and a templates file for them."""
-    from pretrain.data import ordered_dataset
+    from pretrain.engine.shard_stream import ordered_dataset
 
     root = tmp_path_factory.mktemp("colour_folder")
     images = root / "images"
@@ -120,8 +120,8 @@ def test_run_directory_holds_config_and_checkpoints(pretrain_run: Path) -> None:
 
 
 def test_exported_encoder_reloads_with_identical_outputs(pretrain_run: Path) -> None:
+    from pretrain.encoders.weights import load_encoder_weights
     from pretrain.export import load_exported_clip
-    from pretrain.models.weights import load_encoder_weights
 
     payload = torch.load(pretrain_run / "export" / "encoder.pt", weights_only=True)
     spec = ModelSpec.from_dict(payload["spec"])
@@ -180,7 +180,7 @@ def test_finetune_from_export(pretrain_run: Path, shape_shards: dict[str, str],
     # the exported classifier reloads strictly and reproduces the final evaluation
     from finetune.classification.evaluate import evaluate_classifier
     from finetune.config import FinetuneConfig
-    from pretrain.config import load_config
+    from pretrain.engine.config import load_config
 
     payload = torch.load(run_dir / "export" / "classifier.pt", weights_only=True)
     spec = ModelSpec.from_dict(payload["spec"])
@@ -206,7 +206,7 @@ def test_zero_shot_evaluation_of_the_export(pretrain_run: Path, shape_shards: di
 def _heldout_images(shape_shards: dict, count: int = 16) -> tuple[list, list[str]]:
     from PIL import Image
 
-    from pretrain.data import ordered_dataset
+    from pretrain.engine.shard_stream import ordered_dataset
 
     images, colours = [], []
     for sample in ordered_dataset(shape_shards["heldout"]):
@@ -224,9 +224,9 @@ def test_open_clip_loads_the_export_and_reproduces_zero_shot(pretrain_run: Path,
     import open_clip
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
+    from pretrain.clip_model import build_tokenizer
     from pretrain.data import eval_transform
     from pretrain.export import load_exported_clip, register_open_clip_export
-    from pretrain.models.clip import build_tokenizer
 
     directory = pretrain_run / "export" / "open_clip"
     register_open_clip_export(directory)  # the tests' shrunken DaViT is a registered variant

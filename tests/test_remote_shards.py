@@ -22,15 +22,12 @@ from test_data_helpers import gradient_jpeg
 from data_tools.mixture import load_mixture
 from data_tools.remote import RemotePolicy
 from data_tools.shard_writer import Sample, write_shard, write_sizes
-from pretrain.data import (
-    ResumableStream,
-    StreamState,
-    TrainLoader,
-    decode_caption,
-    decode_image,
-)
-from pretrain.launcher import ROOT, find_free_port
-from pretrain.skipped import SkipLog, read_skipped
+from pretrain.data import decode_caption
+from pretrain.engine.images import decode_image
+from pretrain.engine.launcher import ROOT, find_free_port
+from pretrain.engine.shard_stream import ResumableStream
+from pretrain.engine.skipped import SkipLog, read_skipped
+from pretrain.engine.stream import StreamState, TrainLoader
 from tests.shard_servers import FaultServer
 
 POLICY = RemotePolicy(connect_timeout=2.0, read_timeout=1.0, retries=2, backoff=0.2,
@@ -236,7 +233,7 @@ def test_an_evaluation_split_over_http_is_read_whole_or_fails_within_its_bound(
     """Evaluation reads every sample once, remote shards too; a stalled shard ends the read
     with an error after its attempts instead of hanging the evaluation."""
     from data_tools.remote import ShardUnavailable
-    from pretrain.data import ordered_dataset
+    from pretrain.engine.shard_stream import ordered_dataset
 
     folder = _shards(tmp_path / "shards")
     with FaultServer(folder) as server:

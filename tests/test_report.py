@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pretrain.metrics import read_metrics, read_training_metrics
-from pretrain.report import plot_training
+from pretrain.engine.report import plot_training
+from pretrain.engine.run_log import read_metrics, read_training_metrics
 
 
 def test_plot_skips_evaluation_records(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.skipped import read_skipped
+from pretrain.engine.skipped import read_skipped
 from tests.conftest import ROOT, TINY_MODEL
 from tests.jobs import logged_step, losses, start, wait_for
 from tests.shard_servers import S3Server

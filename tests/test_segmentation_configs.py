@@ -11,7 +11,7 @@ import torch
 from finetune.config import FinetuneConfig, SegmentationConfig
 from finetune.segmentation.task import build_segmentation_module
 from finetune.transfer import resolve_spec
-from pretrain.config import CONFIG_ROOT, ConfigError, load_config
+from pretrain.engine.config import CONFIG_ROOT, ConfigError, load_config
 from pretrain.published import published
 
 ADE = CONFIG_ROOT / "finetune" / "ade20k"

@@ -18,7 +18,7 @@ from finetune.segmentation.data import (
 )
 from finetune.segmentation.evaluate import ade20k_classes
 from finetune.segmentation.synthetic import write_synthetic_ade
-from pretrain.data import StreamState, WorkerPosition
+from pretrain.engine.stream import StreamState, WorkerPosition
 
 IGNORE = 255
 

@@ -17,7 +17,7 @@ from finetune.segmentation.inference import (
     slide_logits,
 )
 from finetune.segmentation.models import build_segmenter
-from pretrain.models.spec import ModelSpec
+from pretrain.encoders.spec import ModelSpec
 
 TINY = ModelSpec("davit_tiny", {"depths": [1, 1, 1, 1], "embed_dims": [16, 32, 48, 64],
                                 "num_heads": [1, 1, 1, 2]})

@@ -13,7 +13,7 @@ import torch
 
 from finetune.config import FinetuneConfig
 from finetune.segmentation.synthetic import write_synthetic_ade
-from pretrain.config import load_config
+from pretrain.engine.config import load_config
 from tests.conftest import run_deepspeed
 from tests.jobs import TINY_ENCODER as ENCODER
 from tests.jobs import interrupt_and_resume, losses, records

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-from pretrain.skipped import SKIPPED_FILE, SkipLog, read_skipped
+from pretrain.engine.skipped import SKIPPED_FILE, SkipLog, read_skipped
 
 
 def _write_many(run_dir: str, rank: int) -> None:

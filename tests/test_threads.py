@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launcher import find_free_port
-from pretrain.threads import choose_threads
+from pretrain.engine.launcher import find_free_port
+from pretrain.engine.threads import choose_threads
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "report_threads.py"
 

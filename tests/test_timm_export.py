@@ -12,9 +12,9 @@ import pytest
 import timm
 import torch
 
-from pretrain.models.clip import register_variant
-from pretrain.models.spec import ModelSpec
-from pretrain.models.timm_export import read_timm_export, write_timm_export
+from pretrain.clip_model import register_variant
+from pretrain.encoders.spec import ModelSpec
+from pretrain.encoders.timm_export import read_timm_export, write_timm_export
 
 TINY = {"depths": [1, 1, 1, 1], "embed_dims": [16, 32, 48, 64], "num_heads": [1, 1, 1, 2]}
 RECIPE_CFG = {"mean": [0.48, 0.45, 0.40], "std": [0.26, 0.26, 0.27], "crop_pct": 1.0,
@@ -78,7 +78,7 @@ def test_config_names_the_architecture_and_recipe(exported) -> None:
 
 
 def test_project_encoders_export_too(tmp_path: Path) -> None:
-    import pretrain.models  # noqa: F401  (registers DWNet with timm)
+    import pretrain.encoders  # noqa: F401  (registers DWNet with timm)
 
     spec = ModelSpec("dwnet_tiny", {"depths": [1, 1, 1, 1], "embed_dim": 16}, num_classes=3)
     model = spec.build_timm().eval()

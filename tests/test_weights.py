@@ -15,7 +15,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pretrain.models.weights import (
+from pretrain.encoders.weights import (
     WeightsMismatchError,
     load_encoder_weights,
     read_state_dict,

@@ -14,8 +14,8 @@ from pretrain.clip_eval import (
     imagenet_names_for,
     retrieval_recalls,
 )
+from pretrain.clip_model import build_clip, build_tokenizer
 from pretrain.config import ModelConfig
-from pretrain.models.clip import build_clip, build_tokenizer
 
 TINY = ModelConfig.model_validate({
     "embed_dim": 32,

@@ -13,7 +13,7 @@ from timm.data import create_transform
 
 from data_tools.imagefolder import ImageFolderIndex, scan_imagefolder
 from finetune.config import ClassificationData
-from pretrain.data import decode_image
+from pretrain.engine.images import decode_image
 
 
 def label_index(meta: dict[str, Any], cfg: ClassificationData) -> int:

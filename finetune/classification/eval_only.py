@@ -35,20 +35,20 @@ from finetune.classification.data import (
 from finetune.classification.imagefolder import ImageFolderSplit
 from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationConfig
-from pretrain import distributed
-from pretrain.eval_data import SlicedSplit, sliced_loader
-from pretrain.metrics import write_eval_json
-from pretrain.models.spec import ModelSpec, read_spec
-from pretrain.models.timm_export import CONFIG_FILE
-from pretrain.models.weights import load_encoder_weights
-from pretrain.task import run_evaluation
+from pretrain.encoders.spec import ModelSpec, read_spec
+from pretrain.encoders.timm_export import CONFIG_FILE
+from pretrain.encoders.weights import load_encoder_weights
+from pretrain.engine import distributed
+from pretrain.engine.eval_slices import SlicedSplit, sliced_loader
+from pretrain.engine.run_log import write_eval_json
+from pretrain.engine.task import run_evaluation
 
 
 def load_classifier(checkpoint: Path, cfg: ClassificationConfig
                     ) -> tuple[nn.Module, Callable, list[str] | None]:
     """The classifier in ``checkpoint``, its evaluation transform and its class names (wnids)
     when the checkpoint lists them; see the module docstring."""
-    import pretrain.models  # noqa: F401  (DAT++ and DWNet for timm's builder)
+    import pretrain.encoders  # noqa: F401  (DAT++ and DWNet for timm's builder)
 
     checkpoint = Path(checkpoint)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent

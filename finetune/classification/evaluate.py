@@ -14,8 +14,8 @@ from finetune.classification.data import (
 )
 from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationData
-from pretrain.eval_data import SlicedSplit, sliced_loader
-from pretrain.task import run_evaluation
+from pretrain.engine.eval_slices import SlicedSplit, sliced_loader
+from pretrain.engine.task import run_evaluation
 
 
 def evaluate_classifier(model: nn.Module, data: ClassificationData, batch_size: int = 128,

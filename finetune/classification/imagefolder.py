@@ -11,7 +11,7 @@ resumed run sees exactly the batches of an uninterrupted one. The batches carry 
 which also rotates the workers on resume. Undecodable images are skipped and counted.
 
 Validation: image ``i`` (in the folder's fixed order) goes to slot ``i mod (ranks x workers)``,
-as :mod:`pretrain.eval_data` slices shards.
+as :mod:`pretrain.engine.eval_slices` slices shards.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.imagefolder import ImageFolderIndex
-from pretrain.data import StreamState, WorkerPosition, decode_image
-from pretrain.read_failures import FailureStreak, failure_reason, stream_error
-from pretrain.skipped import SkipLog
+from pretrain.engine.images import decode_image
+from pretrain.engine.read_failures import FailureStreak, failure_reason, stream_error
+from pretrain.engine.skipped import SkipLog
+from pretrain.engine.stream import StreamState, WorkerPosition
 
 
 def decode_file(index: ImageFolderIndex, item: int) -> Any:

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain import distributed
-from pretrain.task import Batch, Evaluator
+from pretrain.engine import distributed
+from pretrain.engine.task import Batch, Evaluator
 
 # name prefix -> the extra model to score beside the trainer's module (None: not available yet)
 ExtraModels = dict[str, Callable[[], nn.Module | None]]

@@ -9,7 +9,7 @@ Data: labelled shards (``data.layout: shards``) or ImageFolder trees read direct
 (:mod:`finetune.classification.ema`) and scored beside the model at every evaluation
 (``ema_top1``, ``ema_top5``). ``linear_probe`` freezes the encoder and trains only its linear
 classifier. The export is ``classifier.pt`` and a timm folder (``timm/``: safetensors and
-config.json, see :mod:`pretrain.models.timm_export`), and the same for the EMA when kept.
+config.json, see :mod:`pretrain.encoders.timm_export`), and the same for the EMA when kept.
 """
 
 from __future__ import annotations
@@ -36,17 +36,18 @@ from finetune.classification.imagefolder import ImageFolderSplit, ImageFolderStr
 from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationConfig
 from finetune.transfer import build_encoder, resolve_spec
-from pretrain.data import ResumableStream, StreamState, TrainLoader
-from pretrain.eval_data import SlicedSplit, sliced_loader
-from pretrain.flops import image_model_train_flops
-from pretrain.models.spec import SPEC_KEY, ModelSpec
-from pretrain.models.timm_export import write_timm_export
-from pretrain.models.weights import (
+from pretrain.encoders.spec import SPEC_KEY, ModelSpec
+from pretrain.encoders.timm_export import write_timm_export
+from pretrain.encoders.weights import (
     WeightsMismatchError,
     check_encoder_weights,
     load_encoder_weights,
 )
-from pretrain.task import Batch, Evaluator, LossOutput, Task, stream_epoch_samples
+from pretrain.engine.eval_slices import SlicedSplit, sliced_loader
+from pretrain.engine.flops import image_model_train_flops
+from pretrain.engine.shard_stream import ResumableStream
+from pretrain.engine.stream import StreamState, TrainLoader
+from pretrain.engine.task import Batch, Evaluator, LossOutput, Task, stream_epoch_samples
 
 MODEL_PREFIX = "model."
 
@@ -159,7 +160,7 @@ class ClassificationTask(Task):
     def build_loader(self, rank: int, state: StreamState) -> TrainLoader:
         data = self.cfg.data
         if data.layout == "imagefolder":
-            from pretrain import distributed
+            from pretrain.engine import distributed
 
             folder = ImageFolderStream(
                 self.train_index, self._train_transform(), collate_labelled, data.batch_size,

@@ -36,9 +36,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from finetune.detection.coco import CocoIndex
 from finetune.segmentation.data import FolderStream, _item_seed, _randint, _uniform, read_image
 from finetune.segmentation.inference import rescaled_size
-from pretrain.data import StreamState, WorkerPosition
-from pretrain.read_failures import failure_reason, stream_error
-from pretrain.skipped import SkipLog
+from pretrain.engine.read_failures import failure_reason, stream_error
+from pretrain.engine.skipped import SkipLog
+from pretrain.engine.stream import StreamState, WorkerPosition
 
 Target = dict[str, torch.Tensor]
 POLICIES = ("multiscale", "crop", "none")

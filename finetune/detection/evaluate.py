@@ -21,9 +21,9 @@ from finetune.config import DetectionConfig
 from finetune.detection.coco import CocoIndex
 from finetune.detection.data import read_coco_image
 from finetune.detection.metrics import score_results, to_coco_results
-from pretrain import distributed
-from pretrain.read_failures import failure_reason, unreadable_split_error
-from pretrain.task import Batch, Evaluator
+from pretrain.engine import distributed
+from pretrain.engine.read_failures import failure_reason, unreadable_split_error
+from pretrain.engine.task import Batch, Evaluator
 
 
 class DetectionEvaluator(Evaluator):

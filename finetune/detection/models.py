@@ -33,7 +33,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from finetune.backbone import Backbone
 from finetune.config import DetectionConfig, DetectionModel
 from finetune.detection.cascade import CascadeRoIHeads
-from pretrain.models.spec import ModelSpec
+from pretrain.encoders.spec import ModelSpec
 
 # The R-CNN heads' RoI features: 7x7 per box (box head), 14x14 per mask (mask head).
 BOX_ROI = 7

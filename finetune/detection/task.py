@@ -24,12 +24,12 @@ from finetune.detection.evaluate import DetectionEvaluator
 from finetune.detection.models import DetectionModule, build_detector
 from finetune.segmentation.models import average_batchnorm_statistics
 from finetune.transfer import config_for_checkpoint, load_task_weights, resolve_spec
-from pretrain.data import StreamState, TrainLoader
-from pretrain.eval_data import sliced_loader
-from pretrain.metrics import write_eval_json
-from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
-from pretrain.models.weights import read_state_dict
-from pretrain.task import Evaluator, Task
+from pretrain.encoders.spec import SPEC_KEY, ModelSpec, read_spec
+from pretrain.encoders.weights import read_state_dict
+from pretrain.engine.eval_slices import sliced_loader
+from pretrain.engine.run_log import write_eval_json
+from pretrain.engine.stream import StreamState, TrainLoader
+from pretrain.engine.task import Evaluator, Task
 
 
 def check_same_categories(index: CocoIndex, category_ids: list[int], source: str) -> None:
@@ -83,7 +83,7 @@ class DetectionTask(Task):
         self.num_classes = len(self.category_ids)
 
     def build_module(self) -> nn.Module:
-        from pretrain import distributed
+        from pretrain.engine import distributed
 
         module = build_detection_module(self.cfg, self.spec, self.cfg.encoder.weights,
                                         self.num_classes)
@@ -123,7 +123,7 @@ class DetectionTask(Task):
         return self.cfg.data.epoch_samples or len(self.train_ids)
 
     def build_loader(self, rank: int, state: StreamState) -> TrainLoader:
-        from pretrain import distributed
+        from pretrain.engine import distributed
 
         data = self.cfg.data
         augment = DetectionAugment(data.policy, data.scales, data.max_size, data.flip,
@@ -151,7 +151,7 @@ class DetectionTask(Task):
     def flops_per_sample(self) -> float:
         """The encoder + FPN at the largest training scale (square): the heads' cost depends
         on the number of proposals and is left out."""
-        from pretrain.flops import image_model_train_flops
+        from pretrain.engine.flops import image_model_train_flops
 
         return image_model_train_flops(
             lambda: build_detection_module(self.cfg, self.spec, None,
@@ -181,9 +181,8 @@ class DetectionTask(Task):
         """``--eval-only``: score ``checkpoint`` (an exported ``detector.pt``, or any file with
         this config's detector keys) on the validation json; every rank of the launch runs its
         slice, rank 0 writes ``run_dir/eval.json`` and ``run_dir/detections.json``."""
-        from pretrain import distributed
-        from pretrain.engine import move_to_device
-        from pretrain.task import run_evaluation
+        from pretrain.engine import distributed, move_to_device
+        from pretrain.engine.task import run_evaluation
 
         spec = read_spec(checkpoint)
         recorded = spec.options.get("category_ids") if spec is not None else None

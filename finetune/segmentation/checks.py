@@ -15,7 +15,7 @@ def check_segmentation_inputs(cfg: SegmentationConfig) -> None:
     from finetune.segmentation.data import list_samples
     from finetune.tasks import check_encoder
     from finetune.transfer import resolve_spec
-    from pretrain.models.weights import WeightsMismatchError, read_state_dict
+    from pretrain.encoders.weights import WeightsMismatchError, read_state_dict
 
     data = cfg.data
     for split in (data.train_split, data.val_split):

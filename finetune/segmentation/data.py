@@ -32,9 +32,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.segmentation.inference import rescaled_size
-from pretrain.data import StreamState, WorkerPosition
-from pretrain.read_failures import FailureStreak, failure_reason, stream_error
-from pretrain.skipped import SkipLog
+from pretrain.engine.read_failures import FailureStreak, failure_reason, stream_error
+from pretrain.engine.skipped import SkipLog
+from pretrain.engine.stream import StreamState, WorkerPosition
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 Sample = tuple[Path, Path]  # image file, annotation file
@@ -241,7 +241,7 @@ class FolderStream(IterableDataset):
     """Endless, exactly resumable training batches for one rank (module docstring).
 
     An unreadable item is skipped, counted and listed in ``skips``; when every read fails
-    (:class:`pretrain.read_failures.FailureStreak`) the stream yields one error item naming
+    (:class:`pretrain.engine.read_failures.FailureStreak`) the stream yields one error item naming
     ``source`` (the config field of the split) instead of a batch, and ends."""
 
     def __init__(self, samples: list[Sample], load: Callable[[Sample], tuple],

@@ -17,9 +17,9 @@ from finetune.config import SegmentationConfig, SegmentationData
 from finetune.segmentation.data import LoadPair, Sample, read_image
 from finetune.segmentation.inference import predict_logits, predict_multiscale
 from finetune.segmentation.metrics import ConfusionMatrix, scores
-from pretrain import distributed
-from pretrain.read_failures import failure_reason, unreadable_split_error
-from pretrain.task import Batch, Evaluator
+from pretrain.engine import distributed
+from pretrain.engine.read_failures import failure_reason, unreadable_split_error
+from pretrain.engine.task import Batch, Evaluator
 
 
 def ade20k_classes() -> list[str]:

@@ -2,7 +2,7 @@
 
 Each rank accumulates a ``num_classes x num_classes`` matrix (rows: ground truth, columns:
 prediction; ignored pixels left out) on its device; the matrices are summed across ranks
-(:func:`pretrain.distributed.all_reduce`) and the scores computed once from the sum, so the
+(:func:`pretrain.engine.distributed.all_reduce`) and the scores computed once from the sum, so the
 result is the split's, not a mean of per-image scores. As mmseg: a class absent from the
 split's ground truth and never predicted has no IoU (NaN) and is left out of the means; one
 absent from the ground truth but predicted somewhere has IoU 0.
@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from pretrain import distributed
+from pretrain.engine import distributed
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,

@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from finetune.backbone import Backbone
-from pretrain import distributed
+from pretrain.engine import distributed
 
 PAD_MULTIPLE = 32
 

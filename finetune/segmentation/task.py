@@ -27,13 +27,13 @@ from finetune.segmentation.data import (
 from finetune.segmentation.evaluate import SegmentationEvaluator, class_names
 from finetune.segmentation.models import Segmenter, average_batchnorm_statistics, build_segmenter
 from finetune.transfer import config_for_checkpoint, load_task_weights, resolve_spec
-from pretrain.data import StreamState, TrainLoader
-from pretrain.eval_data import sliced_loader
-from pretrain.flops import image_model_train_flops
-from pretrain.metrics import write_eval_json
-from pretrain.models.spec import SPEC_KEY, ModelSpec, read_spec
-from pretrain.models.weights import read_state_dict
-from pretrain.task import Batch, Evaluator, LossOutput, Task
+from pretrain.encoders.spec import SPEC_KEY, ModelSpec, read_spec
+from pretrain.encoders.weights import read_state_dict
+from pretrain.engine.eval_slices import sliced_loader
+from pretrain.engine.flops import image_model_train_flops
+from pretrain.engine.run_log import write_eval_json
+from pretrain.engine.stream import StreamState, TrainLoader
+from pretrain.engine.task import Batch, Evaluator, LossOutput, Task
 
 MODEL_PREFIX = "model."
 EXPORT_NAME = "segmenter.pt"
@@ -109,7 +109,7 @@ class SegmentationTask(Task):
         return self._train_samples
 
     def build_module(self) -> nn.Module:
-        from pretrain import distributed
+        from pretrain.engine import distributed
 
         module = build_segmentation_module(self.cfg, self.spec, self.cfg.encoder.weights)
         if self.cfg.model.sync_bn and torch.cuda.is_available() and distributed.world_size() > 1:
@@ -136,7 +136,7 @@ class SegmentationTask(Task):
         return self.cfg.data.epoch_samples or len(self.train_samples)
 
     def build_loader(self, rank: int, state: StreamState) -> TrainLoader:
-        from pretrain import distributed
+        from pretrain.engine import distributed
 
         data = self.cfg.data
         augment = TrainAugment(data.crop_size, data.scale, data.ratio_range, data.cat_max_ratio,
@@ -193,7 +193,7 @@ class SegmentationTask(Task):
         return export_dir / EXPORT_NAME
 
     def _evaluate(self, checkpoint: Path, run_dir: Path) -> dict[str, Any]:
-        from pretrain import distributed
+        from pretrain.engine import distributed
 
         distributed.init_distributed(self.cfg.deepspeed.backend)
         rank, world = distributed.rank(), distributed.world_size()

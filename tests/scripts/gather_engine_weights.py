@@ -16,8 +16,9 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from pretrain.clip_task import ClipTask  # noqa: E402
-from pretrain.config import PretrainConfig, load_config  # noqa: E402
-from pretrain.engine import Trainer  # noqa: E402
+from pretrain.config import PretrainConfig
+from pretrain.engine.config import load_config  # noqa: E402
+from pretrain.engine.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from pretrain.threads import apply_thread_policy  # noqa: E402
+from pretrain.engine.threads import apply_thread_policy  # noqa: E402
 
 
 class WorkerThreads(Dataset):

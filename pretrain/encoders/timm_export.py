@@ -10,8 +10,8 @@ either of these rebuilds the model and loads the weights::
 ``config.json`` names the registered *base* architecture (``davit_tiny``) and carries the spec's
 overrides as ``model_args``: timm applies them when it builds the model, so an architecture our
 configs shrank (registered in-process as a hashed variant by
-:func:`pretrain.models.clip.register_variant`) is rebuilt in any process, by timm alone. DAT++
-and DWNet are this project's timm models: ``import pretrain.models`` registers them first.
+:func:`pretrain.clip_model.register_variant`) is rebuilt in any process, by timm alone. DAT++
+and DWNet are this project's timm models: ``import pretrain.encoders`` registers them first.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from data_tools.files import atomic_write, atomic_write_text
-from pretrain.models.spec import ModelSpec
+from pretrain.encoders.spec import ModelSpec
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

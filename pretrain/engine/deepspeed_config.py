@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.config import DeepSpeedConfig, OptimizerConfig
+from pretrain.engine.config import DeepSpeedConfig, OptimizerConfig
 
 
 def deepspeed_config(ds: DeepSpeedConfig, optimizer: OptimizerConfig, grad_accum: int,
@@ -14,7 +14,7 @@ def deepspeed_config(ds: DeepSpeedConfig, optimizer: OptimizerConfig, grad_accum
     The optimizer is AdamW with ``torch_adam`` so the same JSON runs on CPU (FusedAdam is
     CUDA-only); ``optimizer.fused`` selects torch's fused AdamW kernel, on CPUs and GPUs
     alike. The learning-rate schedule is not in the JSON: the trainer hands DeepSpeed its own
-    (:mod:`pretrain.schedule`), which DeepSpeed steps and checkpoints.
+    (:mod:`pretrain.engine.schedule`), which DeepSpeed steps and checkpoints.
     """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,

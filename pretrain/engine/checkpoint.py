@@ -23,7 +23,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from data_tools.files import atomic_torch_save, atomic_write_text
-from pretrain.distributed import barrier
+from pretrain.engine.distributed import barrier
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 # The trainer checkpoints a step before evaluating it, so that checkpoint's client state

@@ -37,13 +37,13 @@ class ModelSpec:
         return cls(**data)
 
     def is_registered(self) -> bool:
-        import pretrain.models  # noqa: F401  (registers this project's encoders with timm)
+        import pretrain.encoders  # noqa: F401  (registers this project's encoders with timm)
 
         return timm.is_model(self.timm_name)
 
     def build_timm(self, **kwargs: Any) -> nn.Module:
         """The timm model of the spec (random init), with ``kwargs`` overriding the spec."""
-        import pretrain.models  # noqa: F401  (registers this project's encoders with timm)
+        import pretrain.encoders  # noqa: F401  (registers this project's encoders with timm)
 
         arguments = {**self.overrides, "num_classes": self.num_classes, **kwargs}
         return timm.create_model(self.timm_name, **arguments)
@@ -53,8 +53,8 @@ def read_spec(path: Path | str) -> ModelSpec | None:
     """The spec of an export file, or ``None`` for a file without one (any other checkpoint).
 
     The file is memory-mapped, so only its small spec is read now; a file that cannot be read
-    safely raises, naming the file (:func:`pretrain.models.weights.load_checkpoint_file`)."""
-    from pretrain.models.weights import load_checkpoint_file
+    safely raises, naming the file (:func:`pretrain.encoders.weights.load_checkpoint_file`)."""
+    from pretrain.encoders.weights import load_checkpoint_file
 
     payload = load_checkpoint_file(path, mmap=True)
     if isinstance(payload, dict) and isinstance(payload.get(SPEC_KEY), dict):

@@ -1,7 +1,7 @@
 """Check a shard set: sample counts, sizes.json and per-shard stats agree, every image decodes.
 
-    python -m data_tools.inspect shards/                 # every .tar in the folder
-    python -m data_tools.inspect 'shards/{00000..00009}.tar' --sample 0.1
+    python -m data_tools.inspect_shards shards/                 # every .tar in the folder
+    python -m data_tools.inspect_shards 'shards/{00000..00009}.tar' --sample 0.1
 
 For each shard: the tar is read to the end (a truncated tar is caught even when it ends exactly
 between two members, by its missing end-of-archive blocks); samples are grouped by key as

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data import ordered_dataset
+from pretrain.engine.shard_stream import ordered_dataset
 
 
 class SlicedSplit(IterableDataset):

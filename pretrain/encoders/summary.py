@@ -1,6 +1,6 @@
 """Parameters and multiply-accumulates of every registered encoder next to the published figures.
 
-    python -m pretrain.models.summary [--published PATH] [--size 224]
+    python -m pretrain.encoders.summary [--published PATH] [--size 224]
 
 Models are built on the meta device, so even DaViT-Giant costs no memory; MACs are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) over one forward pass. Like fvcore,
@@ -23,8 +23,8 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.models import ENCODERS
-from pretrain.models.dat import NeighborhoodAttention, neighbourhood_macs
+from pretrain.encoders import ENCODERS
+from pretrain.encoders.dat import NeighborhoodAttention, neighbourhood_macs
 from pretrain.published import published
 
 

@@ -9,7 +9,7 @@ TrainLoader` stops its workers and raises the message as ``TrainingAborted`` (on
 
 Every file-based stream (the ImageFolder classification stream, the ADE-layout segmentation
 stream, the COCO detection stream) counts its failed reads with one :class:`FailureStreak`: each
-failure goes to the run's skip list (:class:`pretrain.skipped.SkipLog`); a streak of
+failure goes to the run's skip list (:class:`pretrain.engine.skipped.SkipLog`); a streak of
 ``min(GIVE_UP_AFTER_FAILURES, files in the split)`` failures in a row gives up, naming the
 split, the config field that points at it and the first few files with their reasons.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pretrain.skipped import SkipLog
+from pretrain.engine.skipped import SkipLog
 
 STREAM_ERROR = "stream_error"  # the one item a worker yields when its stream cannot go on
 # 1000 failed reads in a row is no longer bad luck (the shard stream gives up on a shard set

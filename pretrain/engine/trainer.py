@@ -2,8 +2,8 @@
 
 One object owns model, optimizer, schedule, data stream and evaluation state, so one checkpoint
 restores them all (torchtitan's shape). What differs between jobs is a
-:class:`~pretrain.task.Task`; the trainer composes with it. Every rank runs the same code; rank 0
-also logs and exports.
+:class:`~pretrain.engine.task.Task`; the trainer composes with it. Every rank runs the same
+code; rank 0 also logs and exports.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from data_tools.files import atomic_write_text
 from data_tools.workers import signal_when_parent_dies
-from pretrain import distributed
-from pretrain.attention import training_attention
-from pretrain.checkpoint import (
+from pretrain.engine import distributed
+from pretrain.engine.attention import training_attention
+from pretrain.engine.checkpoint import (
     Checkpointer,
     capture_rng_state,
     fp32_state_dict,
@@ -33,15 +33,15 @@ from pretrain.checkpoint import (
     restore_rng_state,
     tag_for,
 )
-from pretrain.config import JobConfig, save_config
-from pretrain.data import StreamState
-from pretrain.deepspeed_config import deepspeed_config
-from pretrain.errors import TrainingAborted
-from pretrain.host_memory import keep_freed_host_memory
-from pretrain.metrics import MetricsLogger, peak_memory_gb, write_eval_json
-from pretrain.schedule import resolve_schedule
-from pretrain.skipped import SKIPPED_FILE
-from pretrain.task import Batch, Evaluator, LossOutput, Task, run_evaluation
+from pretrain.engine.config import JobConfig, save_config
+from pretrain.engine.deepspeed_config import deepspeed_config
+from pretrain.engine.errors import TrainingAborted
+from pretrain.engine.host_memory import keep_freed_host_memory
+from pretrain.engine.run_log import MetricsLogger, peak_memory_gb, write_eval_json
+from pretrain.engine.schedule import resolve_schedule
+from pretrain.engine.skipped import SKIPPED_FILE
+from pretrain.engine.stream import StreamState
+from pretrain.engine.task import Batch, Evaluator, LossOutput, Task, run_evaluation
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 __all__ = ["Trainer", "TrainingAborted", "move_to_device"]
@@ -106,7 +106,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "deepspeed.json", json.dumps(self.ds_config, indent=2))
 
         if cfg.deepspeed.zero_stage == 0 and get_accelerator().device_name() == "cpu":
-            keep_freed_host_memory()  # measured to pay at stage 0 only (pretrain/host_memory.py)
+            keep_freed_host_memory()  # pays at stage 0 only (engine/host_memory.py)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config,
                                  enabled=cfg.deepspeed.zero_stage == 3):
@@ -343,7 +343,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """Every rank evaluates its slice and the evaluators reduce (see
-        :func:`pretrain.task.run_evaluation`); several named evaluators run one after the
+        :func:`pretrain.engine.task.run_evaluation`); several named evaluators run one after the
         other, their metrics prefixed with the name."""
         module = self.engine.module
         if isinstance(self.evaluator, dict):

@@ -42,7 +42,7 @@ from timm.models.davit import DaVit
 from timm.models.davit import checkpoint_filter_fn as davit_filter_fn
 from torch import nn
 
-from pretrain.models import dat, dwnet
+from pretrain.encoders import dat, dwnet
 
 __all__ = [
     "WeightsMismatchError",

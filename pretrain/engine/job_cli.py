@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from pretrain.config import ConfigError, load_config
-from pretrain.errors import TrainingAborted
-from pretrain.threads import apply_thread_policy
+from pretrain.engine.config import ConfigError, load_config
+from pretrain.engine.errors import TrainingAborted
+from pretrain.engine.threads import apply_thread_policy
 
 Cfg = TypeVar("Cfg", bound=BaseModel)
 

@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pretrain.config import AttentionKernel
+from pretrain.engine.config import AttentionKernel
 
 
 def uses_math_kernel(choice: AttentionKernel, device: torch.device,

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pretrain.metrics import read_training_metrics  # noqa: E402
+from pretrain.engine.run_log import read_training_metrics  # noqa: E402
 
 
 def plot_training(metrics_path: Path | str, output: Path | str, title: str = "") -> Path:

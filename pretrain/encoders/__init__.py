@@ -5,7 +5,7 @@ fine-tuning both import this package so every encoder is built the same way, by 
 ``timm.create_model("dat_pp_tiny", num_classes=..., drop_path_rate=...)``.
 """
 
-from pretrain.models import dat, dwnet  # noqa: F401  (registration happens at import)
+from pretrain.encoders import dat, dwnet  # noqa: F401  (registration happens at import)
 
 ENCODERS = (
     "davit_tiny",

@@ -1,4 +1,4 @@
-"""What a job supplies to the shared :class:`~pretrain.engine.Trainer`: a :class:`Task`.
+"""What a job supplies to the shared :class:`~pretrain.engine.trainer.Trainer`: a :class:`Task`.
 
 The trainer owns the engine, the loop, the guards, checkpoints, metrics and the evaluation
 cadence, once. A task is small: its module (whose forward returns the loss and its named parts),
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from data_tools.mixture import ShardSet
-from pretrain.config import JobConfig
-from pretrain.data import StreamState, TrainLoader
-from pretrain.skipped import SkipLog
+from pretrain.engine.config import JobConfig
+from pretrain.engine.skipped import SkipLog
+from pretrain.engine.stream import StreamState, TrainLoader
 
 Batch = dict[str, Any]
 LossOutput = dict[str, torch.Tensor]  # "loss" (what is minimised) + named parts, all scalars
@@ -175,7 +175,7 @@ def run_evaluation(evaluator: Evaluator, module: nn.Module,
 
 def _evaluate(evaluator: Evaluator, module: nn.Module,
               to_device: Callable[[Batch], Batch]) -> dict[str, Any]:
-    from pretrain import distributed
+    from pretrain.engine import distributed
 
     evaluator.reset()
     evaluator.prepare(module)

@@ -1,4 +1,5 @@
-"""Errors that end a job with one line (the entry points catch them; see pretrain.job_cli)."""
+"""Errors that end a job with one line (the entry points catch them:
+pretrain.engine.job_cli)."""
 
 from __future__ import annotations
 

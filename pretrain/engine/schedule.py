@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from pretrain.config import ScheduleConfig, check_warmup
+from pretrain.engine.config import ScheduleConfig, check_warmup
 
 
 @dataclass(frozen=True)

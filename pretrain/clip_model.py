@@ -18,7 +18,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from timm.models import register_model
 
-import pretrain.models  # noqa: F401  (registers this project's encoders with timm)
+import pretrain.encoders  # noqa: F401  (registers this project's encoders with timm)
 from pretrain.config import ModelConfig
 
 
