@@ -13,34 +13,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.config import FinetuneConfig
-from finetune.tasks import check_inputs
-from pretrain.engine.config import JobConfig
-from pretrain.engine.job_cli import run_job, skip_final_garbage_collection
+# Python puts this script's folder first on sys.path, and this file, named like the package it
+# runs, would shadow that package: take the folder off (the packages come from the install).
+if sys.path and Path(sys.path[0]) == Path(__file__).resolve().parent:
+    del sys.path[0]
 
-
-def make_trainer(cfg: JobConfig, run_dir: Path):  # noqa: ANN201 (imports DeepSpeed late)
-    from finetune.tasks import build_task
-    from pretrain.engine.trainer import Trainer
-
-    return Trainer(cfg, build_task(cfg), run_dir)
-
-
-def evaluate_only(cfg: JobConfig, checkpoint: Path, run_dir: Path) -> dict:
-    """--eval-only CHECKPOINT: the task class evaluates it (every rank its slice of the split).
-    A task class supports it with ``evaluate_checkpoint(cfg, checkpoint, run_dir) -> metrics``;
-    the checkpoint holds the weights, so the config's encoder weights are not read."""
-    from finetune.tasks import task_class
-
-    task = task_class(cfg)
-    if not hasattr(task, "evaluate_checkpoint"):
-        raise ValueError(f"task {cfg.task!r} has no evaluation-only mode")
-    return task.evaluate_checkpoint(cfg, checkpoint, run_dir)
-
+from finetune.config import FinetuneConfig  # noqa: E402
+from finetune.registry import task_class  # noqa: E402
+from pretrain.engine.job_cli import run_job, skip_final_garbage_collection  # noqa: E402
 
 if __name__ == "__main__":
     code = run_job(None, "Fine-tune a pretrained encoder under DeepSpeed", "finetune",
-                   FinetuneConfig, make_trainer, run_root=Path("runs/finetune"),
-                   check_inputs=check_inputs, evaluate_only=evaluate_only)
+                   FinetuneConfig, task_class, run_root=Path("runs/finetune"))
     skip_final_garbage_collection()
     sys.exit(code)

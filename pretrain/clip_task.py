@@ -9,7 +9,7 @@ from typing import Any
 import deepspeed
 import torch
 
-from data_tools.mixture import load_mixture
+from data_tools.mixture import check_samples, load_mixture
 from pretrain.clip_eval import clip_evaluators
 from pretrain.clip_model import build_clip, build_tokenizer
 from pretrain.config import PretrainConfig
@@ -21,7 +21,7 @@ from pretrain.engine.task import Evaluator, Task, stream_epoch_samples
 from pretrain.export import write_clip_exports
 from pretrain.flops import train_flops_per_sample
 from pretrain.loss import ContrastiveTask, build_loss
-from pretrain.warm_start import warm_start
+from pretrain.warm_start import check_warm_start, warm_start
 
 
 def clip_param_groups(task: torch.nn.Module, cfg: PretrainConfig) -> list[dict[str, Any]]:
@@ -51,6 +51,22 @@ class ClipTask(Task):
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
         self.shard_sets = load_mixture(cfg.data.mixture_spec, cfg.data.remote.policy())
+
+    @classmethod
+    def check_inputs(cls, cfg: PretrainConfig) -> None:
+        """Every local shard exists, probed remote ones answer with a tar, every set has
+        samples (an empty one would hang training), and warm-start weights fit the model."""
+        remote = cfg.data.remote
+        sets = load_mixture(cfg.data.mixture_spec, remote.policy())
+        check_samples(sets, remote.policy(), remote.probe_shards)
+        unsized = [s.pattern for s in sets if s.num_samples is None]
+        if cfg.schedule.epochs is not None and cfg.data.epoch_samples is None and unsized:
+            raise ValueError(f"schedule.epochs needs the size of the training data, but shard set "
+                             f"{unsized[0]!r} has no sizes.json beside its shards: add one or set "
+                             "data.epoch_samples")
+        init = cfg.model.init_from
+        if init.clip is not None or init.image is not None:
+            check_warm_start(cfg.model)  # builds the model on the meta device
 
     def build_module(self) -> torch.nn.Module:
         cfg = self.cfg

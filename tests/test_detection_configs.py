@@ -91,7 +91,7 @@ def test_a_bad_detection_field_is_one_line_naming_it() -> None:
 
 def test_check_names_a_missing_folder_or_a_broken_json(tmp_path) -> None:
     from data_tools.coco_synthetic import write_synthetic_coco
-    from finetune.tasks import check_inputs
+    from finetune.registry import check_inputs
 
     config = COCO / "mask_rcnn_davit_tiny_1x.yaml"
     root = write_synthetic_coco(tmp_path / "coco", train_images=4, val_images=2)

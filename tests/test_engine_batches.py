@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from pretrain.engine.trainer import Trainer, move_to_device
+from pretrain.engine.task import move_to_device
+from pretrain.engine.trainer import Trainer
 
 
 def test_nested_targets_move_and_keep_their_dtype() -> None:

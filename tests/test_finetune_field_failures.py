@@ -76,13 +76,12 @@ def _check(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, fl
     """``launch/finetune.py ARGS --check`` in this process (it starts no process group):
     (exit code, stderr, seconds)."""
     from finetune.config import FinetuneConfig
-    from finetune.tasks import check_inputs
+    from finetune.registry import task_class
     from pretrain.engine.job_cli import run_job
 
     capsys.readouterr()
     started = time.monotonic()
-    code = run_job([*args, "--check"], "finetune", "finetune", FinetuneConfig,
-                   make_trainer=None, check_inputs=check_inputs)
+    code = run_job([*args, "--check"], "finetune", "finetune", FinetuneConfig, task_class)
     return code, capsys.readouterr().err, time.monotonic() - started
 
 
@@ -462,7 +461,7 @@ def test_check_lets_a_few_missing_files_through(coco: Path, tmp_path: Path) -> N
     """A real data set with a few missing files still starts (they are skipped, counted and
     listed at run time); only a folder without most of the json's files is refused."""
     from finetune.config import FinetuneConfig
-    from finetune.tasks import check_inputs
+    from finetune.registry import check_inputs
     from pretrain.engine.config import load_config
 
     root = _copy(coco, tmp_path / "coco")

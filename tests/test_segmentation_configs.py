@@ -74,8 +74,8 @@ def test_a_bad_segmentation_field_is_one_line_naming_it() -> None:
 
 
 def test_check_names_a_missing_dataset_folder_or_unfitting_weights(tmp_path: Path) -> None:
+    from finetune.registry import check_inputs
     from finetune.segmentation.synthetic import write_synthetic_ade
-    from finetune.tasks import check_inputs
 
     config = ADE / "upernet_davit_tiny_160k.yaml"
     cfg = load_config(FinetuneConfig, config, [f"data.root={tmp_path / 'nowhere'}"])

@@ -14,6 +14,7 @@ config.json, see :mod:`pretrain.encoders.timm_export`), and the same for the EMA
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from data_tools.files import atomic_torch_save
-from data_tools.mixture import load_mixture
+from data_tools.imagefolder import ImageFolderIndex
+from data_tools.mixture import ShardSet, load_mixture, shard_set
+from finetune.checks import check_encoder
+from finetune.classification.classifier_checkpoints import load_classifier, validation_split
 from finetune.classification.data import (
     LabelledImageDecoder,
     classification_transform,
@@ -99,17 +103,12 @@ def _classifier_fits(model: nn.Module, weights: str) -> bool:
 
 class ClassificationTask(Task):
     label = "finetune"
+    eval_only_export = "classifier.pt"
     cfg: ClassificationConfig
 
     def __init__(self, cfg: ClassificationConfig) -> None:
         super().__init__(cfg)
-        encoder = cfg.encoder
-        self.spec = resolve_spec(encoder.weights, encoder.name, encoder.overrides)
         data = cfg.data
-        if data.layout == "imagefolder":
-            self.train_index = imagefolder_index(data, "train")
-        else:
-            self.shard_sets = load_mixture(data.train)
         self.ema = WeightsEma(cfg.ema) if cfg.ema.enabled else None
         self._module: ClassifierModule | None = None
         self.mixup = None
@@ -117,6 +116,21 @@ class ClassificationTask(Task):
             self.mixup = Mixup(mixup_alpha=data.mixup, cutmix_alpha=data.cutmix,
                                label_smoothing=cfg.loss.label_smoothing,
                                num_classes=data.num_classes)
+
+    # The encoder and the training data are resolved when first needed: --eval-only needs
+    # neither (the checkpoint says what it holds, and the training split may be absent).
+    @functools.cached_property
+    def spec(self) -> ModelSpec:
+        encoder = self.cfg.encoder
+        return resolve_spec(encoder.weights, encoder.name, encoder.overrides)
+
+    @functools.cached_property
+    def train_index(self) -> ImageFolderIndex:
+        return imagefolder_index(self.cfg.data, "train")
+
+    @functools.cached_property
+    def shard_sets(self) -> list[ShardSet]:
+        return load_mixture(self.cfg.data.train)
 
     def build_module(self) -> nn.Module:
         encoder = self.cfg.encoder
@@ -212,15 +226,28 @@ class ClassificationTask(Task):
             self.ema.load_state_dict(state.get("ema", {}), self._module.model)
 
     @classmethod
-    def evaluate_checkpoint(cls, cfg: ClassificationConfig, checkpoint: Path,
-                            run_dir: Path) -> dict[str, Any]:
-        """``--eval-only``: see :mod:`finetune.classification.eval_only`."""
-        from finetune.classification.eval_only import evaluate_checkpoint
+    def check_inputs(cls, cfg: ClassificationConfig) -> None:
+        check_encoder(cfg.encoder, num_classes=cfg.data.num_classes)
+        if cfg.data.layout == "shards":
+            load_mixture(cfg.data.train)
+            shard_set(cfg.data.val)
+            return
+        for split in ("train", "val"):
+            try:
+                imagefolder_index(cfg.data, split)
+            except (FileNotFoundError, ValueError) as error:
+                raise type(error)(f"data.{split}: {error}") from None
 
-        return evaluate_checkpoint(cfg, checkpoint, run_dir)
-
-    def eval_only_file(self, export_dir: Path) -> Path | None:
-        return export_dir / "classifier.pt"
+    def checkpoint_evaluation(self, checkpoint: Path, rank: int, world_size: int
+                              ) -> tuple[nn.Module, Evaluator]:
+        """Any classifier checkpoint (see :mod:`.classifier_checkpoints`), scored with the
+        transform and class order it comes with."""
+        model, transform, classes = load_classifier(checkpoint, self.cfg)
+        split = validation_split(self.cfg, transform, classes, model.num_classes, rank,
+                                 world_size, self.skip_log(rank))
+        evaluator = AccuracyEvaluator(sliced_loader(split, self.cfg.data.workers),
+                                      model.num_classes)
+        return ClassifierModule(model), evaluator
 
     def flops_per_sample(self) -> float:
         num_classes = self.cfg.data.num_classes

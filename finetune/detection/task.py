@@ -18,6 +18,7 @@ from torch import nn
 
 from data_tools.files import atomic_torch_save
 from finetune.config import DetectionConfig
+from finetune.detection.checks import check_detection_inputs, check_same_categories
 from finetune.detection.coco import CocoIndex
 from finetune.detection.data import CocoTrainStream, CocoValSplit, DetectionAugment
 from finetune.detection.evaluate import DetectionEvaluator
@@ -27,22 +28,8 @@ from finetune.transfer import config_for_checkpoint, load_task_weights, resolve_
 from pretrain.encoders.spec import SPEC_KEY, ModelSpec, read_spec
 from pretrain.encoders.weights import read_state_dict
 from pretrain.engine.eval_slices import sliced_loader
-from pretrain.engine.run_log import write_eval_json
 from pretrain.engine.stream import StreamState, TrainLoader
 from pretrain.engine.task import Evaluator, Task
-
-
-def check_same_categories(index: CocoIndex, category_ids: list[int], source: str) -> None:
-    """``ValueError`` in one line when a validation json's categories are not ``source``'s
-    (labels would map to other classes)."""
-    if list(index.category_ids) != list(category_ids):
-        extra = sorted(set(index.category_ids) - set(category_ids))
-        absent = sorted(set(category_ids) - set(index.category_ids))
-        raise ValueError(f"data.val_annotations {index.annotation_file}: its category ids "
-                         f"differ from {source}: {len(extra)} only in it (e.g. {extra[:3]}), "
-                         f"{len(absent)} missing from it (e.g. {absent[:3]}); validation must "
-                         "list the same categories (the original instances_val json does)")
-
 
 BACKBONE_PREFIX = "detector.backbone.body.body."  # the encoder trunk inside DetectionModule
 EXPORT_NAME = "detector.pt"
@@ -60,6 +47,7 @@ class DetectionTask(Task):
     label = "detection"
     input_keys = ()  # uint8 images; the module autocasts (Task.autocast)
     autocast = True
+    eval_only_export = EXPORT_NAME
     cfg: DetectionConfig
 
     def __init__(self, cfg: DetectionConfig,
@@ -164,9 +152,6 @@ class DetectionTask(Task):
         atomic_torch_save({"state_dict": state_dict, SPEC_KEY: self.export_spec().to_dict()},
                           out_dir / EXPORT_NAME)
 
-    def eval_only_file(self, export_dir: Path) -> Path | None:
-        return export_dir / EXPORT_NAME
-
     def export_spec(self) -> ModelSpec:
         index = self.train_index
         return ModelSpec(self.spec.timm_name, self.spec.overrides,
@@ -176,33 +161,27 @@ class DetectionTask(Task):
                                   "classes": list(index.category_names)})
 
     @classmethod
-    def evaluate_checkpoint(cls, cfg: DetectionConfig, checkpoint: Path,
-                            run_dir: Path) -> dict[str, Any]:
-        """``--eval-only``: score ``checkpoint`` (an exported ``detector.pt``, or any file with
-        this config's detector keys) on the validation json; every rank of the launch runs its
-        slice, rank 0 writes ``run_dir/eval.json`` and ``run_dir/detections.json``."""
-        from pretrain.engine import distributed, move_to_device
-        from pretrain.engine.task import run_evaluation
+    def check_inputs(cls, cfg: DetectionConfig) -> None:
+        check_detection_inputs(cfg)
 
+    @classmethod
+    def for_checkpoint(cls, cfg: DetectionConfig, checkpoint: Path) -> DetectionTask:
+        """Scoring ``checkpoint`` (an exported ``detector.pt``, or any file with this config's
+        detector keys) needs no training json: the categories are those the checkpoint
+        records, else the validation json's, in its order."""
         spec = read_spec(checkpoint)
         recorded = spec.options.get("category_ids") if spec is not None else None
         if recorded is not None:
             categories = (recorded, f"those {checkpoint} was trained on")
-        else:  # a detector without our spec: the validation json's classes, in its order
+        else:
             data = cfg.data
             categories = (CocoIndex(data.path(data.val_annotations),
                                     data.path(data.val_images)).category_ids,
                           "the validation json's")
-        task = cls(config_for_checkpoint(cfg, checkpoint), categories)
-        task.run_dir = run_dir
-        distributed.init_distributed(cfg.deepspeed.backend)
-        module = build_detection_module(task.cfg, task.spec, None, task.num_classes)
-        load_task_weights(module, read_state_dict(checkpoint), checkpoint, "detector", spec)
-        device = distributed.collective_device()
-        module.to(device)
-        results = run_evaluation(task.evaluator(distributed.rank(), distributed.world_size()),
-                                 module, lambda batch: move_to_device(batch, device, None))
-        if distributed.rank() == 0:
-            write_eval_json(run_dir, {"checkpoint": str(checkpoint), "results": results})
-        distributed.barrier()
-        return results
+        return cls(config_for_checkpoint(cfg, checkpoint), categories)
+
+    def load_checkpoint(self, checkpoint: Path) -> nn.Module:
+        module = build_detection_module(self.cfg, self.spec, None, self.num_classes)
+        load_task_weights(module, read_state_dict(checkpoint), checkpoint, "detector",
+                          read_spec(checkpoint))
+        return module

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from finetune.checks import check_encoder, evenly_spaced
 from finetune.config import SegmentationConfig
 
 
@@ -13,7 +14,6 @@ def check_segmentation_inputs(cfg: SegmentationConfig) -> None:
     """Raise ``FileNotFoundError`` / ``ValueError`` naming the folder or file at fault."""
     from finetune.backbone import check_backbone_weights, is_dense_checkpoint
     from finetune.segmentation.data import list_samples
-    from finetune.tasks import check_encoder
     from finetune.transfer import resolve_spec
     from pretrain.encoders.weights import WeightsMismatchError, read_state_dict
 
@@ -48,7 +48,6 @@ def check_masks(cfg: SegmentationConfig, samples: list) -> None:
     masks, so a forgotten ``reduce_zero_label`` or a wrong class count stops ``--check``
     instead of the first training step (``ValueError`` naming the mask and the fields)."""
     from finetune.segmentation.data import LoadPair
-    from finetune.tasks import evenly_spaced
 
     data = cfg.data
     load = LoadPair(data.reduce_zero_label, data.ignore_index, data.num_classes)

@@ -17,6 +17,7 @@ from torch import nn
 from data_tools.files import atomic_torch_save
 from finetune.backbone import Backbone
 from finetune.config import SegmentationConfig, SegmentationData
+from finetune.segmentation.checks import check_segmentation_inputs
 from finetune.segmentation.data import (
     FolderSplit,
     FolderStream,
@@ -31,7 +32,6 @@ from pretrain.encoders.spec import SPEC_KEY, ModelSpec, read_spec
 from pretrain.encoders.weights import read_state_dict
 from pretrain.engine.eval_slices import sliced_loader
 from pretrain.engine.flops import image_model_train_flops
-from pretrain.engine.run_log import write_eval_json
 from pretrain.engine.stream import StreamState, TrainLoader
 from pretrain.engine.task import Batch, Evaluator, LossOutput, Task
 
@@ -89,6 +89,7 @@ def build_segmentation_module(cfg: SegmentationConfig, spec: ModelSpec,
 
 class SegmentationTask(Task):
     label = "segmentation"
+    eval_only_export = EXPORT_NAME
     cfg: SegmentationConfig
 
     def __init__(self, cfg: SegmentationConfig) -> None:
@@ -180,39 +181,19 @@ class SegmentationTask(Task):
                                   "classes": class_names(self.cfg.data)})
 
     @classmethod
-    def evaluate_checkpoint(cls, cfg: SegmentationConfig, checkpoint: Path,
-                            run_dir: Path) -> dict[str, Any]:
-        """``--eval-only``: score ``checkpoint`` (an exported ``segmenter.pt``, whose spec names
-        the encoder, or any file whose state dict has this config's segmenter keys) on the
-        validation split, on every rank of the launch; rank 0 writes ``run_dir/eval.json``."""
-        task = cls(config_for_checkpoint(cfg, checkpoint))
-        task.run_dir = run_dir
-        return task._evaluate(checkpoint, run_dir)
+    def check_inputs(cls, cfg: SegmentationConfig) -> None:
+        check_segmentation_inputs(cfg)
 
-    def eval_only_file(self, export_dir: Path) -> Path | None:
-        return export_dir / EXPORT_NAME
+    @classmethod
+    def for_checkpoint(cls, cfg: SegmentationConfig, checkpoint: Path) -> SegmentationTask:
+        """Scoring ``checkpoint`` (an exported ``segmenter.pt``, whose spec names the encoder,
+        or any file whose state dict has this config's segmenter keys)."""
+        return cls(config_for_checkpoint(cfg, checkpoint))
 
-    def _evaluate(self, checkpoint: Path, run_dir: Path) -> dict[str, Any]:
-        from pretrain.engine import distributed
-
-        distributed.init_distributed(self.cfg.deepspeed.backend)
-        rank, world = distributed.rank(), distributed.world_size()
+    def load_checkpoint(self, checkpoint: Path) -> nn.Module:
         module = build_segmentation_module(self.cfg, self.spec, None)
         state = read_state_dict(checkpoint)
         if not any(k.startswith(MODEL_PREFIX) for k in state):
             state = {f"{MODEL_PREFIX}{k}": v for k, v in state.items()}
         load_task_weights(module, state, checkpoint, "segmenter", read_spec(checkpoint))
-        device = distributed.collective_device()
-        module.to(device).eval()
-        evaluator = self.evaluator(rank, world)
-        evaluator.reset()
-        with torch.no_grad():
-            for batch in evaluator.batches():
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                         for k, v in batch.items()}
-                evaluator.update(module, batch, counted=True)
-        results = evaluator.compute()
-        if rank == 0:
-            write_eval_json(run_dir, {"checkpoint": str(checkpoint), "results": results})
-        distributed.barrier()
-        return results
+        return module

@@ -1,5 +1,5 @@
 """What every job's entry point shares: arguments, config loading that fails in one line,
-``--check``, and running a trainer to an exit code."""
+``--check``, and running a task's training or ``--eval-only`` to an exit code."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from pretrain.engine.config import ConfigError, load_config
 from pretrain.engine.errors import TrainingAborted
+from pretrain.engine.task import Task
 from pretrain.engine.threads import apply_thread_policy
 
 Cfg = TypeVar("Cfg", bound=BaseModel)
@@ -59,27 +60,25 @@ def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str
         return None
 
 
-def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cfg],
-            make_trainer: Callable[[Cfg, Path], Any], run_root: Path = Path("runs"),
-            check_inputs: Callable[[Cfg], None] | None = None,
-            evaluate_only: Callable[[Cfg, Path, Path], dict[str, Any]] | None = None) -> int:
+def run_job(argv: list[str] | None, description: str, kind: str, schema: Any,
+            task_class: Callable[[Cfg], type[Task]], run_root: Path = Path("runs")) -> int:
     """Parse, validate (exit 2 on a bad config or missing input, before any process group),
-    train.
+    then train the task ``task_class(cfg)`` names, or evaluate a checkpoint with it.
 
-    ``check_inputs`` raises ``FileNotFoundError`` or ``ValueError`` for inputs the config names
-    but the file system lacks (shards, weights), so ``--check`` on a login node and every rank
-    at start-up report them in one line instead of a traceback per rank after start-up.
-
-    ``--eval-only CHECKPOINT`` calls ``evaluate_only(cfg, checkpoint, run_dir)`` instead of
-    training (the job decides what a checkpoint is; fine-tuning hands it to the task).
+    The task's :meth:`~pretrain.engine.task.Task.check_inputs` reports inputs the config names
+    but the file system lacks (shards, weights) in one line, so ``--check`` on a login node and
+    every rank at start-up stop there instead of a traceback per rank after start-up.
+    ``--eval-only CHECKPOINT`` runs :func:`pretrain.engine.eval_only.evaluate_checkpoint` (the
+    checkpoint holds the weights, so the inputs are not checked beyond it).
     """
     args = job_parser(description, kind, run_root).parse_args(argv)
     cfg = load_or_report(schema, args.config, args.overrides, kind)
     if cfg is None:
         return 2
-    if check_inputs is not None and args.eval_only is None:  # the checkpoint has the weights
+    task = task_class(cfg)
+    if args.eval_only is None:
         try:
-            check_inputs(cfg)
+            task.check_inputs(cfg)
         except (FileNotFoundError, ValueError) as error:
             print(f"input error: {error}", file=sys.stderr)
             return 2
@@ -93,10 +92,12 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cf
         return 2
     run_dir = args.run_dir or run_root / Path(args.config).stem
     if args.eval_only is not None:
-        return _evaluate_only(evaluate_only, cfg, args.eval_only, run_dir, kind)
+        return _evaluate_only(task, cfg, args.eval_only, run_dir, kind)
+
+    from pretrain.engine.trainer import Trainer  # DeepSpeed's import: only when training
 
     try:
-        outcome = make_trainer(cfg, run_dir).train()
+        outcome = Trainer(cfg, task(cfg), run_dir).train()
     except TrainingAborted as error:
         if error.printed_by(_launch_rank()):  # one voice: not one line per rank
             print(f"training aborted: {error}", file=sys.stderr)
@@ -111,16 +112,18 @@ def _launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _evaluate_only(evaluate: Callable[[Cfg, Path, Path], dict[str, Any]] | None, cfg: Cfg,
-                   checkpoint: Path, run_dir: Path, kind: str) -> int:
-    if evaluate is None:
+def _evaluate_only(task: type[Task], cfg: Any, checkpoint: Path, run_dir: Path,
+                   kind: str) -> int:
+    if task.eval_only_export is None:
         print(f"--eval-only: {kind} jobs have no evaluation-only mode", file=sys.stderr)
         return 2
     if not checkpoint.exists():  # a file, or a folder (a timm export)
         print(f"input error: --eval-only: no such file {checkpoint}", file=sys.stderr)
         return 2
+    from pretrain.engine.eval_only import evaluate_checkpoint
+
     try:
-        results = evaluate(cfg, checkpoint, run_dir)
+        results = evaluate_checkpoint(task, cfg, checkpoint, run_dir)
     except (FileNotFoundError, ValueError) as error:
         print(f"input error: --eval-only {checkpoint}: {' '.join(str(error).split())}",
               file=sys.stderr)

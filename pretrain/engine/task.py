@@ -76,6 +76,9 @@ class Task(ABC):
     # Where the trainer writes this run (set before :meth:`evaluator` is called), for tasks
     # whose evaluation writes files (detection's results JSON).
     run_dir: Path | None = None
+    # The file of ``RUN_DIR/export/`` that ``--eval-only`` evaluates; None: the job has no
+    # evaluation-only mode (:mod:`pretrain.engine.eval_only`).
+    eval_only_export: str | None = None
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
@@ -97,10 +100,35 @@ class Task(ABC):
         """Rank 0, after the last checkpoint: write the deliverable from the consolidated fp32
         weights of the module (keys as in ``build_module().state_dict()``)."""
 
+    @classmethod  # noqa: B027 (nothing to check by default)
+    def check_inputs(cls, cfg: JobConfig) -> None:
+        """Raise ``FileNotFoundError`` / ``ValueError`` in one line naming an input the config
+        names that is missing or unusable (shards, folders, weights). Runs before any process
+        group: ``--check`` on a login node, and every rank at start-up."""
+
     def eval_only_file(self, export_dir: Path) -> Path | None:
         """The export ``--eval-only`` evaluates, if the job has that mode (named in the message
         of a failed final evaluation)."""
-        return None
+        return None if self.eval_only_export is None else export_dir / self.eval_only_export
+
+    # ------------------------------------------------------------------ --eval-only
+    @classmethod
+    def for_checkpoint(cls, cfg: JobConfig, checkpoint: Path) -> Task:
+        """The task set up to evaluate ``checkpoint`` (``--eval-only``), reading no training
+        data; before any process group, so a ``ValueError`` here is one line."""
+        return cls(cfg)
+
+    def load_checkpoint(self, checkpoint: Path) -> nn.Module:
+        """The module (as :meth:`build_module` builds it) holding ``checkpoint``'s weights, on
+        the CPU; ``ValueError`` in one line when they are another model's."""
+        raise ValueError(f"{self.label} jobs have no evaluation-only mode")
+
+    def checkpoint_evaluation(self, checkpoint: Path, rank: int, world_size: int
+                              ) -> tuple[nn.Module, Evaluator]:
+        """The module holding ``checkpoint``'s weights and the evaluator that scores it: by
+        default :meth:`load_checkpoint` and the in-training :meth:`evaluator` (which must then
+        be a single one)."""
+        return self.load_checkpoint(checkpoint), self.evaluator(rank, world_size)
 
     def skip_log(self, rank: int) -> SkipLog:
         """Where this rank's streams list the files they skip (``RUN_DIR/skipped.jsonl``;
@@ -150,6 +178,26 @@ def stream_epoch_samples(shard_sets: list[ShardSet], override: int | None) -> in
         return override
     sizes = [s.num_samples for s in shard_sets]
     return None if None in sizes else sum(sizes)
+
+
+def move_to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Tensors (also inside lists, tuples and dicts) to ``device``; floating ones to ``dtype``
+    when given. Copies are non-blocking: the loader pins its batches on GPU machines."""
+    if isinstance(value, torch.Tensor):
+        cast = dtype if dtype is not None and value.is_floating_point() else None
+        return value.to(device, dtype=cast, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: move_to_device(item, device, dtype) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(move_to_device(item, device, dtype) for item in value)
+    return value
+
+
+def batch_to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None,
+                    input_keys: tuple[str, ...]) -> Batch:
+    """A batch on ``device``, the floating tensors under ``input_keys`` cast to ``dtype``."""
+    return {key: move_to_device(value, device, dtype if key in input_keys else None)
+            for key, value in batch.items()}
 
 
 @torch.no_grad()

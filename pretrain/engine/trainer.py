@@ -41,23 +41,17 @@ from pretrain.engine.run_log import MetricsLogger, peak_memory_gb, write_eval_js
 from pretrain.engine.schedule import resolve_schedule
 from pretrain.engine.skipped import SKIPPED_FILE
 from pretrain.engine.stream import StreamState
-from pretrain.engine.task import Batch, Evaluator, LossOutput, Task, run_evaluation
+from pretrain.engine.task import (
+    Batch,
+    Evaluator,
+    LossOutput,
+    Task,
+    batch_to_device,
+    run_evaluation,
+)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-__all__ = ["Trainer", "TrainingAborted", "move_to_device"]
-
-
-def move_to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Tensors (also inside lists, tuples and dicts) to ``device``; floating ones to ``dtype``
-    when given. Copies are non-blocking: the loader pins its batches on GPU machines."""
-    if isinstance(value, torch.Tensor):
-        cast = dtype if dtype is not None and value.is_floating_point() else None
-        return value.to(device, dtype=cast, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: move_to_device(item, device, dtype) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(move_to_device(item, device, dtype) for item in value)
-    return value
+__all__ = ["Trainer", "TrainingAborted"]
 
 
 def undo_optimizer_warm_up_step(engine: Any) -> None:
@@ -301,9 +295,7 @@ class Trainer:
         return output
 
     def to_device(self, batch: Batch) -> Batch:
-        return {key: move_to_device(value, self.device,
-                                    self.dtype if key in self.task.input_keys else None)
-                for key, value in batch.items()}
+        return batch_to_device(batch, self.device, self.dtype, self.task.input_keys)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluation_due(self, last: bool) -> bool:

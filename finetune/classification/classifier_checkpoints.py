@@ -1,5 +1,6 @@
-"""Score a released or exported classifier on a validation split, on every rank of a job:
-``launch/finetune.py --config ... --eval-only CHECKPOINT``.
+"""The classifier a checkpoint holds, for ``launch/finetune.py --config ... --eval-only
+CHECKPOINT`` (:mod:`pretrain.engine.eval_only` runs it; the task is
+:class:`~finetune.classification.task.ClassificationTask`).
 
 What CHECKPOINT may be, and which evaluation transform it gets:
 
@@ -13,7 +14,8 @@ What CHECKPOINT may be, and which evaluation transform it gets:
   ``data.num_classes`` classes, loaded all or nothing, transformed by the architecture's timm
   pretrained config (resolution, crop_pct, interpolation, mean/std).
 
-Each rank scores its slice of ``data.val`` (shards or an ImageFolder); the counts are summed.
+Each rank scores its slice of ``data.val`` (shards or an ImageFolder, :func:`validation_split`);
+the counts are summed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
@@ -33,15 +34,12 @@ from finetune.classification.data import (
     collate_labelled,
 )
 from finetune.classification.imagefolder import ImageFolderSplit
-from finetune.classification.metrics import AccuracyEvaluator
 from finetune.config import ClassificationConfig
 from pretrain.encoders.spec import ModelSpec, read_spec
 from pretrain.encoders.timm_export import CONFIG_FILE
 from pretrain.encoders.weights import load_encoder_weights
-from pretrain.engine import distributed
-from pretrain.engine.eval_slices import SlicedSplit, sliced_loader
-from pretrain.engine.run_log import write_eval_json
-from pretrain.engine.task import run_evaluation
+from pretrain.engine.eval_slices import SlicedSplit
+from pretrain.engine.skipped import SkipLog
 
 
 def load_classifier(checkpoint: Path, cfg: ClassificationConfig
@@ -75,8 +73,11 @@ def load_classifier(checkpoint: Path, cfg: ClassificationConfig
     return model, create_transform(**resolve_data_config({}, model=model)), None
 
 
-def _split(cfg: ClassificationConfig, transform: Callable, classes: list[str] | None,
-           num_classes: int, rank: int, world_size: int) -> Any:
+def validation_split(cfg: ClassificationConfig, transform: Callable, classes: list[str] | None,
+                     num_classes: int, rank: int, world_size: int,
+                     skips: SkipLog | None = None) -> Any:
+    """This rank's slice of ``data.val`` for a checkpoint's classifier of ``num_classes``,
+    in the class order of ``classes`` (its label names) when they name the val folders."""
     data = cfg.data
     if data.layout == "imagefolder":
         from data_tools.imagefolder import scan_imagefolder
@@ -92,34 +93,6 @@ def _split(cfg: ClassificationConfig, transform: Callable, classes: list[str] | 
             raise ValueError(f"data.val {data.val}: {len(index.classes)} classes, but the "
                              f"checkpoint's classifier has {num_classes}")
         return ImageFolderSplit(index, transform, collate_labelled, cfg.eval.batch_size, rank,
-                                world_size)
+                                world_size, skips)
     return SlicedSplit(data.val, LabelledImageDecoder(data, transform), collate_labelled,
                        cfg.eval.batch_size, rank, world_size)
-
-
-def evaluate_checkpoint(cfg: ClassificationConfig, checkpoint: Path, run_dir: Path
-                        ) -> dict[str, Any]:
-    """Top-1 / top-5 of ``checkpoint`` over ``data.val``, every rank scoring its slice; rank 0
-    writes them to ``run_dir/eval.json``."""
-    from finetune.classification.task import ClassifierModule
-
-    distributed.init_distributed(cfg.deepspeed.backend)
-    rank, world_size = distributed.rank(), distributed.world_size()
-    model, transform, classes = load_classifier(checkpoint, cfg)
-    num_classes = model.num_classes
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
-                          else "cpu")
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" and device.type == "cuda" \
-        else torch.float32
-    module = ClassifierModule(model.to(device=device, dtype=dtype))
-    split = _split(cfg, transform, classes, num_classes, rank, world_size)
-    evaluator = AccuracyEvaluator(sliced_loader(split, cfg.data.workers), num_classes)
-
-    def to_device(batch: dict[str, Any]) -> dict[str, Any]:
-        return {"image": batch["image"].to(device, dtype=dtype, non_blocking=True),
-                "label": batch["label"].to(device), "skipped": batch["skipped"]}
-
-    results = run_evaluation(evaluator, module, to_device)
-    if rank == 0:
-        write_eval_json(run_dir, {"checkpoint": str(checkpoint), "results": results})
-    return results
