@@ -26,7 +26,7 @@ from test_data_helpers import (
     write_pair,
 )
 
-from data_tools import build_shards, inspect
+from data_tools import build_shards, inspect_shards
 from data_tools.synthetic import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,7 +341,7 @@ def test_a_second_build_into_the_same_output_is_refused_while_the_first_runs(
             first.kill()
     summary = build(args[:-1])  # not blocked by a stale lock; resumes what was complete
     assert summary["samples"] == len(GOOD)
-    assert inspect.main([str(out), "--quiet"]) == 0
+    assert inspect_shards.main([str(out), "--quiet"]) == 0
 
 
 PARENT_PAUSED = """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_data_helpers import gradient_jpeg
 
-from data_tools import inspect
+from data_tools import inspect_shards
 from data_tools.shard_writer import Sample, write_shard, write_sizes
 from data_tools.synthetic import write_synthetic_shards
 
@@ -62,8 +62,8 @@ def test_a_corrupt_image_and_wrong_counts_fail(tmp_path: Path) -> None:
     write_sizes(tmp_path)
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 2, "00001.tar": 5,
                                                      "00002.tar": 1}))
-    report = inspect.inspect_set(str(tmp_path))
-    text = inspect.format_report(report)
+    report = inspect_shards.inspect_set(str(tmp_path))
+    text = inspect_shards.format_report(report)
     assert "sample 000000001: image does not decode" in text
     assert "sizes.json says 5 samples, tar has 1" in text
     assert "lists 00002.tar, which does not exist" in text
@@ -73,15 +73,15 @@ def test_a_corrupt_image_and_wrong_counts_fail(tmp_path: Path) -> None:
 def test_sample_fraction_decodes_a_subset(tmp_path: Path) -> None:
     write_synthetic_shards(tmp_path, 200, seed=0, image_size=16, samples_per_shard=100,
                            progress=False)
-    report = inspect.inspect_set(str(tmp_path / "{00000..00001}.tar"), fraction=0.25)
+    report = inspect_shards.inspect_set(str(tmp_path / "{00000..00001}.tar"), fraction=0.25)
     decoded = sum(s.decoded for s in report.shards)
     assert 25 <= decoded <= 75 and report.problem_count == 0
-    again = inspect.inspect_set(str(tmp_path / "{00000..00001}.tar"), fraction=0.25)
+    again = inspect_shards.inspect_set(str(tmp_path / "{00000..00001}.tar"), fraction=0.25)
     assert [s.decoded for s in again.shards] == [s.decoded for s in report.shards]
 
 
 def test_missing_shards_and_no_shards(tmp_path: Path, shards: Path) -> None:
-    report = inspect.inspect_set(str(shards / "{00000..00003}.tar"))
+    report = inspect_shards.inspect_set(str(shards / "{00000..00003}.tar"))
     assert report.problems == [f"{shards}/00003.tar: missing"]
     result = run(str(tmp_path / "empty-{0..2}.tar"))
     assert result.returncode == 2
