@@ -2,7 +2,7 @@
 followed by a LayerNorm, as the official DaViT / DAT++ / DWNet detection and segmentation
 backbones have (timm's feature outputs are the raw stage outputs).
 
-Task-agnostic on purpose (segmentation uses it; detection will): the encoder comes from a
+Task-agnostic on purpose (segmentation and detection both use it): the encoder comes from a
 :class:`~pretrain.encoders.spec.ModelSpec` and a weights file, the output is a list of NCHW maps,
 and :attr:`Backbone.channels` / :attr:`Backbone.strides` describe them.
 

@@ -117,3 +117,27 @@ def test_the_checker_sees_imports_and_cycles() -> None:
     assert "pretrain.engine.distributed" in GRAPH["pretrain.clip_eval"]
     assert _cycle_from("a", {"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle_from("a", {"a": {"b"}, "b": set()}) is None
+
+
+def _readme_layout() -> set[str]:
+    """The module paths the README's Layout block lists (two spaces of indent per level)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout\n", 1)[1].split("```\n", 2)[1]
+    listed, parents = set(), []
+    for line in block.splitlines():
+        name = line.split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        parents = parents[:depth]
+        if name.endswith("/"):
+            parents.append(name)
+        elif name.endswith(".py"):
+            listed.add("".join(parents) + name)
+    return listed
+
+
+def test_the_readme_lists_every_module() -> None:
+    tree = {str(path.relative_to(ROOT)) for folder in (*PACKAGES, "launch")
+            for path in (ROOT / folder).rglob("*.py") if path.name != "__init__.py"}
+    listed = _readme_layout()
+    assert sorted(tree - listed) == [], "modules the README's layout does not list"
+    assert sorted(listed - tree) == [], "modules the README's layout lists but the tree lacks"

@@ -177,18 +177,22 @@ def test_finetune_from_export(pretrain_run: Path, shape_shards: dict[str, str],
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "best").read_text() == f"step_{best['step']:08d}"
     assert (checkpoints / f"step_{best['step']:08d}").is_dir()
-    # the exported classifier reloads strictly and reproduces the final evaluation
-    from finetune.classification.evaluate import evaluate_classifier
+    # the exported classifier reloads strictly and reproduces the final evaluation, through
+    # the task's --eval-only interface (in this process: run_evaluation needs no group of one)
+    from finetune.classification.task import ClassificationTask
     from finetune.config import FinetuneConfig
     from pretrain.engine.config import load_config
+    from pretrain.engine.task import run_evaluation
 
-    payload = torch.load(run_dir / "export" / "classifier.pt", weights_only=True)
+    export = run_dir / "export" / "classifier.pt"
+    payload = torch.load(export, weights_only=True)
     spec = ModelSpec.from_dict(payload["spec"])
     assert (spec.num_classes, spec.task) == (8, "classification")
-    classifier = spec.build_timm()
-    classifier.load_state_dict(payload["state_dict"], strict=True)
+    spec.build_timm().load_state_dict(payload["state_dict"], strict=True)
     cfg = load_config(FinetuneConfig, run_dir / "config.yaml")
-    assert evaluate_classifier(classifier.eval(), cfg.data) == result["results"]
+    task = ClassificationTask.for_checkpoint(cfg, export)
+    module, evaluator = task.checkpoint_evaluation(export, rank=0, world_size=1)
+    assert run_evaluation(evaluator, module, lambda batch: batch) == result["results"]
 
 
 def test_zero_shot_evaluation_of_the_export(pretrain_run: Path, shape_shards: dict) -> None:
