@@ -2,8 +2,8 @@
 every job shares (:class:`pretrain.config.JobConfig`: train, optimizer, schedule, eval,
 deepspeed, log, checkpoint) plus the task's own ``encoder``, ``data`` and ``loss``.
 
-``load_config(FinetuneConfig, path)`` reads any of them: :class:`FinetuneConfig` picks the schema
-the file's ``task:`` names.
+``load_config(FinetuneConfig, path)`` reads any of them: ``FinetuneConfig`` is their
+discriminated union, and the file's ``task:`` picks the schema.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pretrain.engine.config import EvalConfig, JobConfig, Section, StreamConfig
+from pretrain.engine.config import EvalConfig, JobConfig, Section, StreamConfig, tagged_union
 
 
 class EncoderConfig(Section):
@@ -285,19 +285,6 @@ class DetectionConfig(JobConfig):
         return self
 
 
-TASK_CONFIGS: dict[str, type[JobConfig]] = {"classification": ClassificationConfig,
-                                            "segmentation": SegmentationConfig,
-                                            "detection": DetectionConfig}
-
-
-class FinetuneConfig:
-    """Not a schema itself: validates a config tree with the schema its ``task:`` names."""
-
-    @staticmethod
-    def model_validate(tree: dict[str, Any]) -> JobConfig:
-        task = tree.get("task")
-        if task not in TASK_CONFIGS:
-            known = ", ".join(sorted(TASK_CONFIGS))
-            raise ValueError(f"task: {'missing' if task is None else repr(task)} "
-                             f"(expected one of: {known})")
-        return TASK_CONFIGS[task].model_validate(tree)
+# The fine-tuning schema: pydantic's discriminated union of the tasks' schemas on ``task:``.
+# ``load_config(FinetuneConfig, path)`` returns the task's config (ClassificationConfig, ...).
+FinetuneConfig = tagged_union("task", ClassificationConfig, SegmentationConfig, DetectionConfig)

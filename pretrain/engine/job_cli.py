@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from pretrain.engine.config import ConfigError, load_config
+from pretrain.engine.config import ConfigError, Schema, load_config
 from pretrain.engine.errors import TrainingAborted
 from pretrain.engine.threads import apply_thread_policy
 
@@ -50,7 +50,7 @@ def job_parser(description: str, kind: str, run_root: Path) -> argparse.Argument
     return parser
 
 
-def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str) -> Cfg | None:
+def load_or_report(schema: Schema[Cfg], name: str, overrides: list[str], kind: str) -> Cfg | None:
     """The validated config, or ``None`` after printing the one-line problem to stderr."""
     try:
         return load_config(schema, name, overrides, kind=kind)
@@ -59,7 +59,7 @@ def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str
         return None
 
 
-def run_job(argv: list[str] | None, description: str, kind: str, schema: type[Cfg],
+def run_job(argv: list[str] | None, description: str, kind: str, schema: Schema[Cfg],
             make_trainer: Callable[[Cfg, Path], Any], run_root: Path = Path("runs"),
             check_inputs: Callable[[Cfg], None] | None = None,
             evaluate_only: Callable[[Cfg, Path, Path], dict[str, Any]] | None = None) -> int:
