@@ -241,15 +241,19 @@ def tagged_union(key: str, *schemas: type[Cfg]) -> TypeAdapter[Cfg]:
 
 
 def resolve_config_path(name: str | Path, kind: str) -> Path:
-    """A path that exists is used as is; a bare name resolves under ``configs/<kind>/``."""
+    """A path that exists is used as is; a bare name resolves under ``configs/<kind>/``.
+
+    ``_*.yaml`` files are bases that configs name in ``base:``, not jobs: they are refused.
+    """
     path = Path(name)
-    if path.is_file():
-        return path
-    candidates = [CONFIG_ROOT / kind / path]
+    candidates = [path, CONFIG_ROOT / kind / path]
     if path.suffix not in (".yaml", ".yml"):
         candidates.append(CONFIG_ROOT / kind / f"{path}.yaml")
     for candidate in candidates:
         if candidate.is_file():
+            if candidate.name.startswith("_"):
+                raise ConfigError(f"{candidate}: a base of other configs (a _*.yaml file), not a "
+                                  "job; run a config that names it in base:")
             return candidate
     raise ConfigError(f"config file not found: {name} (looked in . and {CONFIG_ROOT / kind})")
 
