@@ -20,7 +20,7 @@ from pretrain.config import PretrainConfig
 from pretrain.engine.config import ConfigError, load_config, read_config_tree, save_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from resolved_configs import CONFIGS, SNAPSHOT, resolve_all  # noqa: E402
+from resolved_configs import CONFIGS, SNAPSHOT, resolve_all, shipped_configs  # noqa: E402
 
 
 def _differences(expected: Any, actual: Any, where: str = "") -> list[str]:
@@ -48,6 +48,16 @@ def test_every_config_resolves_to_its_snapshot() -> None:
     changed = {name: _differences(snapshot[name], resolved[name]) for name in snapshot}
     changed = {name: keys for name, keys in changed.items() if keys}
     assert not changed, "\n".join(f"{name}: {'; '.join(keys)}" for name, keys in changed.items())
+
+
+def test_bases_are_not_jobs() -> None:
+    bases = sorted(CONFIGS.rglob("_*.yaml"))
+    assert bases, "the recipe families inherit from _*.yaml bases"
+    assert not set(bases) & set(shipped_configs())
+    with pytest.raises(ConfigError, match=r"_coco_1x.yaml: a base of other configs .*not a job"):
+        load_config(FinetuneConfig, "coco/_coco_1x", kind="finetune")
+    with pytest.raises(ConfigError, match="not a job"):
+        load_config(PretrainConfig, CONFIGS / "pretrain" / "_clip.yaml")
 
 
 def _write(path: Path, text: str) -> Path:
