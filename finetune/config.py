@@ -2,8 +2,8 @@
 every job shares (:class:`pretrain.config.JobConfig`: train, optimizer, schedule, eval,
 deepspeed, log, checkpoint) plus the task's own ``encoder``, ``data`` and ``loss``.
 
-``load_config(FinetuneConfig, path)`` reads any of them: :class:`FinetuneConfig` picks the schema
-the file's ``task:`` names.
+``load_config(FinetuneConfig, path)`` reads any of them: ``FinetuneConfig`` is their
+discriminated union, and the file's ``task:`` picks the schema.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pretrain.engine.config import EvalConfig, JobConfig, Section, StreamConfig
+from pretrain.engine.config import EvalConfig, JobConfig, Section, StreamConfig, tagged_union
+from pretrain.engine.images import OPENAI_MEAN, OPENAI_STD
 
 
 class EncoderConfig(Section):
@@ -52,8 +53,8 @@ class ClassificationData(StreamConfig):
     crop_pct: float = Field(0.875, gt=0, le=1)  # evaluation: resize to size/crop_pct, centre crop
     # normalisation: our encoders are pretrained with OpenAI's statistics; the papers' ImageNet
     # recipes (and their released weights) use (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
     mixup: float = Field(0.0, ge=0)  # alpha; 0 disables
     cutmix: float = Field(0.0, ge=0)  # alpha; 0 disables
 
@@ -140,8 +141,8 @@ class SegmentationData(StreamConfig):
     photometric: bool = True
     # our encoders are pretrained with OpenAI's statistics; official ImageNet checkpoints
     # were trained with (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
 
     @model_validator(mode="after")
     def _classes_match(self) -> SegmentationData:
@@ -241,8 +242,8 @@ class DetectionData(StreamConfig):
     crop_size: tuple[int, int] = (384, 600)
     flip: float = Field(0.5, ge=0, le=1)
     group_by_aspect: bool = True
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
 
     def path(self, relative: str) -> str:
         return str(Path(self.root) / relative)
@@ -285,19 +286,6 @@ class DetectionConfig(JobConfig):
         return self
 
 
-TASK_CONFIGS: dict[str, type[JobConfig]] = {"classification": ClassificationConfig,
-                                            "segmentation": SegmentationConfig,
-                                            "detection": DetectionConfig}
-
-
-class FinetuneConfig:
-    """Not a schema itself: validates a config tree with the schema its ``task:`` names."""
-
-    @staticmethod
-    def model_validate(tree: dict[str, Any]) -> JobConfig:
-        task = tree.get("task")
-        if task not in TASK_CONFIGS:
-            known = ", ".join(sorted(TASK_CONFIGS))
-            raise ValueError(f"task: {'missing' if task is None else repr(task)} "
-                             f"(expected one of: {known})")
-        return TASK_CONFIGS[task].model_validate(tree)
+# The fine-tuning schema: pydantic's discriminated union of the tasks' schemas on ``task:``.
+# ``load_config(FinetuneConfig, path)`` returns the task's config (ClassificationConfig, ...).
+FinetuneConfig = tagged_union("task", ClassificationConfig, SegmentationConfig, DetectionConfig)

@@ -17,7 +17,7 @@ from pretrain.engine.config import CONFIG_ROOT, ConfigError, load_config
 from pretrain.engine.schedule import resolve_schedule
 from pretrain.published import published
 
-RECIPES = sorted((CONFIG_ROOT / "finetune" / "imagenet").glob("*.yaml"))
+RECIPES = sorted((CONFIG_ROOT / "finetune" / "imagenet").glob("[!_]*.yaml"))  # _*.yaml: bases
 IMAGENET_TRAIN = 1281167
 FROM_SCRATCH = ["davit_tiny", "davit_small", "davit_base", "dat_pp_tiny", "dat_pp_small",
                 "dat_pp_base", "dwnet_tiny", "dwnet_base", "dynamic_dwnet_tiny",

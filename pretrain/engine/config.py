@@ -5,7 +5,9 @@ defined once here and shared: ``train`` (seed, accumulation, guards), ``optimize
 ``schedule``, the data stream's common fields, ``eval``, ``deepspeed``, ``log`` and
 ``checkpoint`` (:class:`JobConfig`). Unknown keys and bad values are rejected at load time with a
 one-line :class:`ConfigError` naming the file and the field path, before any process group
-starts. The resolved config is saved next to the run, and the DeepSpeed JSON is derived from it
+starts. A file may start from another with ``base: <path>`` (relative to the file's folder): the
+base's tree, with the file's keys merged over it (:func:`read_config_tree`). The resolved config
+is saved next to the run, and the DeepSpeed JSON is derived from it
 (:mod:`pretrain.engine.deepspeed_config`), never written by hand.
 """
 
@@ -15,13 +17,16 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -205,18 +210,50 @@ class JobConfig(Section):
 
 # --------------------------------------------------------------------------- loading
 Cfg = TypeVar("Cfg", bound=BaseModel)
+# What load_config validates with: a job schema, or a tagged_union() of several.
+Schema = type[Cfg] | TypeAdapter[Cfg]
+
+_TAG_ERROR = "config_tag"
+
+
+def tagged_union(key: str, *schemas: type[Cfg]) -> TypeAdapter[Cfg]:
+    """pydantic's discriminated union of job schemas on the top-level ``key``: each schema
+    declares ``key`` as a ``Literal`` of its tag(s), and the tree's ``key`` picks the schema
+    (validating the tree returns that schema's model).
+
+    The discriminator is a function rather than the field name because every :class:`Section`
+    field has a ``mode="before"`` validator, which pydantic refuses on a discriminator field.
+    """
+    tags: dict[str, type[Cfg]] = {}
+    for schema in schemas:
+        for tag in typing.get_args(schema.model_fields[key].annotation):
+            tags[tag] = schema
+
+    def tag_of(tree: Any) -> Any:
+        value = tree.get(key) if isinstance(tree, dict) else getattr(tree, key, None)
+        return value if isinstance(value, str) else None
+
+    choices = tuple(Annotated[schema, Tag(tag)] for tag, schema in tags.items())
+    discriminator = Discriminator(
+        tag_of, custom_error_type=_TAG_ERROR, custom_error_message=f"{key}: missing or unknown",
+        custom_error_context={"key": key, "expected": ", ".join(sorted(tags))})
+    return TypeAdapter(Annotated[Union[choices], discriminator])  # noqa: UP007 (a runtime tuple)
 
 
 def resolve_config_path(name: str | Path, kind: str) -> Path:
-    """A path that exists is used as is; a bare name resolves under ``configs/<kind>/``."""
+    """A path that exists is used as is; a bare name resolves under ``configs/<kind>/``.
+
+    ``_*.yaml`` files are bases that configs name in ``base:``, not jobs: they are refused.
+    """
     path = Path(name)
-    if path.is_file():
-        return path
-    candidates = [CONFIG_ROOT / kind / path]
+    candidates = [path, CONFIG_ROOT / kind / path]
     if path.suffix not in (".yaml", ".yml"):
         candidates.append(CONFIG_ROOT / kind / f"{path}.yaml")
     for candidate in candidates:
         if candidate.is_file():
+            if candidate.name.startswith("_"):
+                raise ConfigError(f"{candidate}: a base of other configs (a _*.yaml file), not a "
+                                  "job; run a config that names it in base:")
             return candidate
     raise ConfigError(f"config file not found: {name} (looked in . and {CONFIG_ROOT / kind})")
 
@@ -251,10 +288,64 @@ def _parse_number(value: Any) -> Any:
     return value
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+def merge_trees(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merge key by key (recursively); anything else in the
+    child (a scalar, a list, null) replaces the base's value. Neither input is modified."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def read_config_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The file's tree with its ``base:`` chain resolved (the ``base`` key dropped).
+
+    ``base: <path>`` (relative to the file's own folder) names a file whose resolved tree this
+    one starts from; the file's keys are merged over it (:func:`merge_trees`). A base may have
+    its own base, to any depth.
+    """
+    tree = _read_yaml(path)
+    if "base" not in tree:
+        return tree
+    base = tree.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of a config file, got {base!r}")
+    chain = (*_chain, path.resolve())
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: {base} not found (looked for {base_path})")
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(str(link) for link in (*chain, base_path.resolve()))
+        raise ConfigError(f"{path}: base: a cycle ({cycle})")
+    return merge_trees(read_config_tree(base_path, chain), tree)
+
+
+def _format_validation_error(source: str, error: ValidationError, tree: dict,
+                             tagged: bool) -> str:
     problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == _TAG_ERROR:
+            key, expected = item["ctx"]["key"], item["ctx"]["expected"]
+            value = tree.get(key)
+            problems.append(f"{key}: {'missing' if value is None else repr(value)} "
+                            f"(expected one of: {expected})")
+            continue
+        # in a tagged union, pydantic's location starts with the tag of the chosen schema
+        loc = item["loc"][1:] if tagged else item["loc"]
+        where = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"].replace("Value error, ", "")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
@@ -263,24 +354,20 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
 
 
 def load_config(
-    schema: type[Cfg], name: str | Path, overrides: list[str] | tuple[str, ...] = (), kind: str = ""
+    schema: Schema[Cfg], name: str | Path, overrides: list[str] | tuple[str, ...] = (),
+    kind: str = "",
 ) -> Cfg:
-    """Read, override and validate a config; raises :class:`ConfigError` with a one-line message."""
+    """Read (resolving ``base:``), override and validate a config; raises :class:`ConfigError`
+    with a one-line message. ``schema`` is a job schema or a :func:`tagged_union` of several."""
     path = resolve_config_path(name, kind or "")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    tree = read_config_tree(path)
     for assignment in overrides:
         apply_override(tree, assignment)
+    tagged = isinstance(schema, TypeAdapter)
     try:
-        return schema.model_validate(tree)
+        return schema.validate_python(tree) if tagged else schema.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(str(path), error)) from None
-    except ValueError as error:  # a schema's own dispatch (e.g. an unknown fine-tuning task)
-        raise ConfigError(f"{path}: {error}") from None
+        raise ConfigError(_format_validation_error(str(path), error, tree, tagged)) from None
 
 
 def save_config(config: BaseModel, path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from pretrain.engine.config import ConfigError, load_config
+from pretrain.engine.config import ConfigError, Schema, load_config
 from pretrain.engine.errors import TrainingAborted
 from pretrain.engine.task import Task
 from pretrain.engine.threads import apply_thread_policy
@@ -51,7 +51,7 @@ def job_parser(description: str, kind: str, run_root: Path) -> argparse.Argument
     return parser
 
 
-def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str) -> Cfg | None:
+def load_or_report(schema: Schema[Cfg], name: str, overrides: list[str], kind: str) -> Cfg | None:
     """The validated config, or ``None`` after printing the one-line problem to stderr."""
     try:
         return load_config(schema, name, overrides, kind=kind)
@@ -60,7 +60,7 @@ def load_or_report(schema: type[Cfg], name: str, overrides: list[str], kind: str
         return None
 
 
-def run_job(argv: list[str] | None, description: str, kind: str, schema: Any,
+def run_job(argv: list[str] | None, description: str, kind: str, schema: Schema[Cfg],
             task_class: Callable[[Cfg], type[Task]], run_root: Path = Path("runs")) -> int:
     """Parse, validate (exit 2 on a bad config or missing input, before any process group),
     then train the task ``task_class(cfg)`` names, or evaluate a checkpoint with it.
