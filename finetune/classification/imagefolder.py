@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.imagefolder import ImageFolderIndex
 from pretrain.engine.images import decode_image
+from pretrain.engine.random_draws import item_seed
 from pretrain.engine.read_failures import FailureStreak, failure_reason, stream_error
 from pretrain.engine.skipped import SkipLog
 from pretrain.engine.stream import StreamState, WorkerPosition
@@ -35,13 +36,6 @@ from pretrain.engine.stream import StreamState, WorkerPosition
 def decode_file(index: ImageFolderIndex, item: int) -> Any:
     """The image of ``index``'s item as RGB (raising on unreadable or undecodable files)."""
     return decode_image({"jpg": index.path(item).read_bytes()})
-
-
-def _seed(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63)
-    return seed
 
 
 class ImageFolderStream(IterableDataset):
@@ -81,7 +75,7 @@ class ImageFolderStream(IterableDataset):
         return int(self._epoch[1][offset])
 
     def _decode_seeded(self, item: int, worker: int, consumed: int) -> tuple[torch.Tensor, int]:
-        seed = _seed(self.seed, self.rank, worker, consumed)
+        seed = item_seed(self.seed, self.rank, worker, consumed)
         python_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):

@@ -34,8 +34,9 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.detection.coco import CocoIndex
-from finetune.segmentation.data import FolderStream, _item_seed, _randint, _uniform, read_image
+from finetune.segmentation.data import FolderStream, read_image
 from finetune.segmentation.inference import rescaled_size
+from pretrain.engine.random_draws import choice, item_seed, randint, uniform
 from pretrain.engine.read_failures import failure_reason, stream_error
 from pretrain.engine.skipped import SkipLog
 from pretrain.engine.stream import StreamState, WorkerPosition
@@ -90,10 +91,6 @@ def crop(image: torch.Tensor, target: Target, top: int, left: int, height: int,
     }
 
 
-def _choice(generator: torch.Generator, values: Sequence[int]) -> int:
-    return int(values[_randint(generator, len(values))])
-
-
 class DetectionAugment:
     """Training augmentation of the published recipes, drawing only from ``generator`` (so
     a resumed stream augments each image as before).
@@ -126,24 +123,24 @@ class DetectionAugment:
 
     def __call__(self, image: torch.Tensor, target: Target,
                  generator: torch.Generator) -> tuple[torch.Tensor, Target]:
-        if _uniform(generator) < self.flip:
+        if uniform(generator) < self.flip:
             image, target = flip_horizontally(image, target)
         if self.policy == "none":
             return image, target
-        if self.policy == "crop" and _uniform(generator) >= CROP_BRANCH_PROBABILITY:
-            image, target = resize_keep_ratio(image, target, _choice(generator, self.crop_scales),
+        if self.policy == "crop" and uniform(generator) >= CROP_BRANCH_PROBABILITY:
+            image, target = resize_keep_ratio(image, target, choice(generator, self.crop_scales),
                                               self.max_size)
             image, target = self._random_crop(image, target, generator)
-        return resize_keep_ratio(image, target, _choice(generator, self.scales), self.max_size)
+        return resize_keep_ratio(image, target, choice(generator, self.scales), self.max_size)
 
     def _random_crop(self, image: torch.Tensor, target: Target,
                      generator: torch.Generator) -> tuple[torch.Tensor, Target]:
         height, width = image.shape[-2:]
         low, high = self.crop_size
-        crop_h = min(height, low) + _randint(generator, min(height, high) - min(height, low) + 1)
-        crop_w = min(width, low) + _randint(generator, min(width, high) - min(width, low) + 1)
-        top = _randint(generator, height - crop_h + 1)
-        left = _randint(generator, width - crop_w + 1)
+        crop_h = min(height, low) + randint(generator, min(height, high) - min(height, low) + 1)
+        crop_w = min(width, low) + randint(generator, min(width, high) - min(width, low) + 1)
+        top = randint(generator, height - crop_h + 1)
+        left = randint(generator, width - crop_w + 1)
         return crop(image, target, top, left, crop_h, crop_w)
 
 
@@ -221,7 +218,7 @@ class CocoTrainStream(FolderStream):
                 image_id = self.sample_at(member)
                 try:
                     image, target = self.load(image_id)
-                    generator = torch.Generator().manual_seed(_item_seed(self.seed, member))
+                    generator = torch.Generator().manual_seed(item_seed(self.seed, member))
                     image, target = self.augment(image, target, generator)
                 except Exception as error:  # an unreadable image is skipped and counted
                     bad += 1

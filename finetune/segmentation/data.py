@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.segmentation.inference import rescaled_size
+from pretrain.engine.random_draws import coin, item_seed, randint, uniform
 from pretrain.engine.read_failures import FailureStreak, failure_reason, stream_error
 from pretrain.engine.skipped import SkipLog
 from pretrain.engine.stream import StreamState, WorkerPosition
@@ -154,7 +155,7 @@ class TrainAugment:
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self._rescale(image, label, generator)
         image, label = self._crop(image, label, generator)
-        if _uniform(generator) < self.flip:
+        if uniform(generator) < self.flip:
             image, label = image.flip(-1), label.flip(-1)
         image = image.float()
         if self.photometric:
@@ -169,7 +170,7 @@ class TrainAugment:
     def _rescale(self, image: torch.Tensor, label: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.ratio_range
-        ratio = low + (high - low) * _uniform(generator)
+        ratio = low + (high - low) * uniform(generator)
         size = list(rescaled_size(*image.shape[-2:], [int(s * ratio) for s in self.scale]))
         image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR,
                           antialias=False)
@@ -180,8 +181,8 @@ class TrainAugment:
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = label.shape
         for _ in range(self.CROP_TRIES):
-            top = _randint(generator, max(height - self.crop, 0) + 1)
-            left = _randint(generator, max(width - self.crop, 0) + 1)
+            top = randint(generator, max(height - self.crop, 0) + 1)
+            left = randint(generator, max(width - self.crop, 0) + 1)
             crop = label[top:top + self.crop, left:left + self.crop]
             if self.cat_max_ratio >= 1:
                 break
@@ -196,40 +197,24 @@ def photometric_distortion(image: torch.Tensor, generator: torch.Generator) -> t
     """mmseg's PhotoMetricDistortion on a 0..255 float image, each step with probability 1/2:
     brightness +-32, contrast x U(0.5, 1.5) (before or after the colour steps, at random),
     saturation x U(0.5, 1.5) and hue +-18 of OpenCV's 180 (torchvision's colour operators)."""
-    if _coin(generator):
-        image = (image + (_uniform(generator) * 64 - 32)).clamp(0, 255)
-    contrast_first = _coin(generator)
+    if coin(generator):
+        image = (image + (uniform(generator) * 64 - 32)).clamp(0, 255)
+    contrast_first = coin(generator)
 
     def contrast(x: torch.Tensor) -> torch.Tensor:
-        return (x * (0.5 + _uniform(generator))).clamp(0, 255) if _coin(generator) else x
+        return (x * (0.5 + uniform(generator))).clamp(0, 255) if coin(generator) else x
 
     if contrast_first:
         image = contrast(image)
     unit = image / 255.0
-    if _coin(generator):
-        unit = TF.adjust_saturation(unit, 0.5 + _uniform(generator)).clamp(0, 1)
-    if _coin(generator):
-        unit = TF.adjust_hue(unit, (_randint(generator, 37) - 18) / 180.0)
+    if coin(generator):
+        unit = TF.adjust_saturation(unit, 0.5 + uniform(generator)).clamp(0, 1)
+    if coin(generator):
+        unit = TF.adjust_hue(unit, (randint(generator, 37) - 18) / 180.0)
     image = unit * 255.0
     if not contrast_first:
         image = contrast(image)
     return image
-
-
-def _uniform(generator: torch.Generator) -> float:
-    return float(torch.rand((), generator=generator))
-
-
-def _randint(generator: torch.Generator, high: int) -> int:
-    return int(torch.randint(high, (), generator=generator))
-
-
-def _coin(generator: torch.Generator) -> bool:
-    return _randint(generator, 2) == 1
-
-
-def _item_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % (2**63)
 
 
 def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -277,7 +262,7 @@ class FolderStream(IterableDataset):
         """The image of item ``index`` of the stream (every rank agrees on it)."""
         epoch, within = divmod(index, len(self.samples))
         if getattr(self, "_epoch", None) != epoch:
-            generator = torch.Generator().manual_seed(_item_seed(self.seed, epoch) ^ 0x5EED)
+            generator = torch.Generator().manual_seed(item_seed(self.seed, epoch) ^ 0x5EED)
             self._order, self._epoch = torch.randperm(len(self.samples), generator=generator), epoch
         return self.samples[int(self._order[within])]
 
@@ -295,7 +280,7 @@ class FolderStream(IterableDataset):
             sample = self.sample_at(index)
             try:
                 image, label = self.load(sample)
-                generator = torch.Generator().manual_seed(_item_seed(self.seed, index))
+                generator = torch.Generator().manual_seed(item_seed(self.seed, index))
                 decoded.append(self.augment(image, label, generator))
             except Exception as error:  # an unreadable image or mask is skipped and counted
                 bad += 1

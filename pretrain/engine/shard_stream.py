@@ -47,10 +47,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_tools.mixture import ShardSet, draw_shards, drawable_shards
 from data_tools.remote import RemotePolicy, ShardUnavailable, describe_error, open_shard
+from pretrain.engine.random_draws import item_seed, seeded_rngs
 from pretrain.engine.read_failures import GIVE_UP_AFTER_FAILURES
 from pretrain.engine.read_failures import STREAM_ERROR as _STREAM_ERROR
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import StreamState, WorkerPosition, item_seed
+from pretrain.engine.stream import StreamState, WorkerPosition
 
 # When a shard set is given up on (module docstring). 1000 bad samples in a row from a set
 # whose every drawn shard was read is no longer bad luck: a set with 10% good shards passes
@@ -262,17 +263,8 @@ class ResumableStream(IterableDataset):
         """Decode with every RNG an augmentation may draw from seeded from the sample's place
         in the stream: torch (torchvision, open_clip) and Python's ``random`` (timm's crops and
         RandAugment), so a resumed stream augments each sample exactly as before."""
-        seed = item_seed(self.seed, self.rank, worker, index)
-        python_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                # The CPU generator only (what augmentations draw from): torch.manual_seed also
-                # queues a CUDA seeding with a formatted stack trace, ~2 ms a sample in a worker.
-                torch.default_generator.manual_seed(seed)
-                random.seed(seed)
-                return self.decode(sample)
-        finally:
-            random.setstate(python_state)
+        with seeded_rngs(item_seed(self.seed, self.rank, worker, index)):
+            return self.decode(sample)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches; if the stream stalls (see :class:`_SetWatch`), one ``{"stream_error":

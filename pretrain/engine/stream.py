@@ -60,13 +60,6 @@ class StreamState:
         return cls(workers=[WorkerPosition() for _ in range(max(1, num_workers))])
 
 
-def item_seed(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63)
-    return seed
-
-
 def _ignore_preemption_signals(worker_id: int) -> None:
     """Data workers leave SIGTERM/SIGUSR1 to their rank, which saves a checkpoint and then
     shuts them down; a worker dying first would abort that save. Since they ignore SIGTERM and
