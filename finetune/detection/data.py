@@ -25,8 +25,8 @@ original size; COCOeval gets the detections in those pixels.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -37,9 +37,9 @@ from finetune.detection.coco import CocoIndex
 from finetune.segmentation.data import FolderStream, read_image
 from finetune.segmentation.inference import rescaled_size
 from pretrain.engine.random_draws import choice, item_seed, randint, uniform
-from pretrain.engine.read_failures import failure_reason, stream_error
+from pretrain.engine.read_failures import failure_reason
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import StreamState, WorkerPosition
+from pretrain.engine.stream import Item, StreamState
 
 Target = dict[str, torch.Tensor]
 POLICIES = ("multiscale", "crop", "none")
@@ -169,10 +169,15 @@ def aspect_group(height: int, width: int) -> int:
     return 0 if width >= height else 1
 
 
+def collate_detection(items: list[tuple[torch.Tensor, Target]]) -> dict[str, list]:
+    """Images of several sizes stay a list (the detector pads them), with their targets."""
+    return {"images": [image for image, _ in items], "targets": [target for _, target in items]}
+
+
 class CocoTrainStream(FolderStream):
     """Endless, exactly resumable, aspect-grouped training batches for one rank (module
     docstring): ``{"images": [uint8 (3, h, w)], "targets": [{"boxes", "labels", "masks"}],
-    "worker", "position"}``, for :class:`pretrain.data.TrainLoader`."""
+    "worker", "position"}``, for :class:`pretrain.engine.stream.TrainLoader`."""
 
     def __init__(self, index: CocoIndex, augment: DetectionAugment, batch_size: int, seed: int,
                  rank: int, world_size: int, num_workers: int, state: StreamState,
@@ -183,7 +188,8 @@ class CocoTrainStream(FolderStream):
             raise ValueError(f"{index.annotation_file}: no image has a usable (non-crowd, "
                              "non-empty) object to train on")
         super().__init__(image_ids, LoadCocoImage(index), augment, batch_size, seed, rank,
-                         world_size, num_workers, state, source, skips)
+                         world_size, num_workers, state, source, skips,
+                         collate=collate_detection)
         self.index, self.group_by_aspect = index, group_by_aspect
 
     def item_path(self, image_id: int) -> Any:
@@ -193,48 +199,21 @@ class CocoTrainStream(FolderStream):
         return aspect_group(*self.index.image_size(self.sample_at(index))) \
             if self.group_by_aspect else 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = self._logical_worker()
-        slots = self.world_size * self.num_workers
-        slot = self.rank * self.num_workers + worker
-        start = self.state.workers[worker]
-        bad, streak = start.bad_samples, self.failure_streak()
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """A worker's items grouped by aspect: a group's items come once it is full, the last
+        one ending the batch (of those that load); every item's position is the group's."""
         groups: tuple[list[int], list[int]] = ([], [])
-        for taken in range(start.consumed):  # replay the grouping up to the resume point
-            group = groups[self._group(taken * slots + slot)]
-            group.append(taken * slots + slot)
-            if len(group) == self.batch_size:
-                group.clear()
-        taken = start.consumed
-        while True:
-            index = taken * slots + slot
-            taken += 1
+        for taken in itertools.count():
+            index = self.dealt(worker, taken)
             group = groups[self._group(index)]
             group.append(index)
             if len(group) < self.batch_size:
                 continue
-            images, targets = [], []
-            for member in group:
-                image_id = self.sample_at(member)
-                try:
-                    image, target = self.load(image_id)
-                    generator = torch.Generator().manual_seed(item_seed(self.seed, member))
-                    image, target = self.augment(image, target, generator)
-                except Exception as error:  # an unreadable image is skipped and counted
-                    bad += 1
-                    message = streak.failed(self.item_path(image_id), error)
-                    if message is not None:
-                        yield stream_error(message)
-                        return
-                    continue
-                streak.succeeded()
-                images.append(image)
-                targets.append(target)
+            if taken >= consumed:  # before the resume point: replayed without reading a file
+                for member in group:
+                    yield Item(self.sample_at(member), seed=item_seed(self.seed, member),
+                               consumed=taken + 1, ends_batch=member == group[-1])
             group.clear()
-            if images:
-                position = WorkerPosition(consumed=taken, bad_samples=bad)
-                yield {"images": images, "targets": targets, "worker": worker,
-                       "position": asdict(position)}
 
 
 class CocoValSplit(IterableDataset):

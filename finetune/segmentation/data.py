@@ -4,13 +4,13 @@ Layout: ``<root>/images/<split>/<name>.jpg`` (or .png) with ``<root>/annotations
 <name>.png``, a single-channel PNG of class indices. With ``reduce_zero_label`` (ADE20K) label
 0 ("other") becomes the ignore index and 1..K become 0..K-1.
 
-Training stream (:class:`FolderStream`), exactly resumable like :mod:`pretrain.data`'s: every
-epoch is a permutation of the images seeded by (seed, epoch), the same on every rank; item ``g``
-of the concatenated epochs belongs to slot ``g mod (ranks x workers)``, so ranks and workers
-split every epoch between them; each item's augmentation draws from a generator seeded by
-(seed, g). A worker's position is the number of items it has taken, so resuming is arithmetic:
-nothing is read or decoded to get back to the saved position. It plugs into
-:class:`pretrain.data.TrainLoader` (positions per logical worker, worker rotation on resume).
+Training stream (:class:`FolderStream`), exactly resumable like the shard stream: every epoch
+is a permutation of the images seeded by (seed, epoch), the same on every rank; item ``g`` of
+the concatenated epochs belongs to slot ``g mod (ranks x workers)``, so ranks and workers split
+every epoch between them; each item's augmentation draws from a generator seeded by (seed, g).
+A worker's position is the number of items it has taken, so resuming is arithmetic: nothing is
+read or decoded to get back to the saved position. The logical workers, the positions, the
+batches and giving up are :class:`pretrain.engine.stream.ResumableStream`'s.
 
 Validation (:class:`FolderSplit`): image ``i`` (in name order) belongs to slot
 ``i mod (ranks x workers)``, one image per batch at its own size.
@@ -18,9 +18,9 @@ Validation (:class:`FolderSplit`): image ``i`` (in name order) belongs to slot
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.segmentation.inference import rescaled_size
 from pretrain.engine.random_draws import coin, item_seed, randint, uniform
-from pretrain.engine.read_failures import FailureStreak, failure_reason, stream_error
+from pretrain.engine.read_failures import FailureStreak, failure_reason
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import StreamState, WorkerPosition
+from pretrain.engine.stream import (
+    FilePass,
+    Item,
+    ResumableStream,
+    StreamState,
+    WorkerPosition,
+    dealt_item,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 Sample = tuple[Path, Path]  # image file, annotation file
@@ -222,7 +229,7 @@ def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, t
     return {"image": torch.stack(images), "label": torch.stack(labels)}
 
 
-class FolderStream(IterableDataset):
+class FolderStream(ResumableStream):
     """Endless, exactly resumable training batches for one rank (module docstring).
 
     An unreadable item is skipped, counted and listed in ``skips``; when every read fails
@@ -232,31 +239,17 @@ class FolderStream(IterableDataset):
     def __init__(self, samples: list[Sample], load: Callable[[Sample], tuple],
                  augment: TrainAugment, batch_size: int, seed: int, rank: int,
                  world_size: int, num_workers: int, state: StreamState,
-                 source: str = "the training split", skips: SkipLog | None = None) -> None:
-        super().__init__()
-        if len(state.workers) != max(1, num_workers):
-            raise ValueError("stream state was saved with a different number of data workers")
+                 source: str = "the training split", skips: SkipLog | None = None,
+                 collate: Callable[[list[tuple]], dict[str, Any]] = collate_crops) -> None:
+        super().__init__(collate, batch_size, seed, rank, num_workers, state)
         self.samples, self.load, self.augment = samples, load, augment
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.state = state
+        self.world_size = world_size
         self.source, self.skips = source, skips
-
-    def failure_streak(self) -> FailureStreak:
-        return FailureStreak("train", self.source, len(self.samples), self.skips)
 
     @staticmethod
     def item_path(sample: Any) -> Any:
         """The file an item names, for the skip list (the image of an (image, mask) pair)."""
         return sample[0] if isinstance(sample, tuple) else sample
-
-    def _logical_worker(self) -> int:
-        # TrainLoader hands out batches round-robin from physical worker 0; after a resume at
-        # micro-batch m the next batch is logical worker m's (pretrain.data does the same).
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        return (physical + self.state.micro_batches) % self.num_workers
 
     def sample_at(self, index: int) -> Sample:
         """The image of item ``index`` of the stream (every rank agrees on it)."""
@@ -266,35 +259,25 @@ class FolderStream(IterableDataset):
             self._order, self._epoch = torch.randperm(len(self.samples), generator=generator), epoch
         return self.samples[int(self._order[within])]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = self._logical_worker()
-        slots = self.world_size * self.num_workers
-        slot = self.rank * self.num_workers + worker
-        start = self.state.workers[worker]
-        bad, streak = start.bad_samples, self.failure_streak()
-        decoded: list[tuple[torch.Tensor, torch.Tensor]] = []
-        taken = start.consumed
-        while True:
-            index = taken * slots + slot
-            taken += 1
-            sample = self.sample_at(index)
-            try:
-                image, label = self.load(sample)
-                generator = torch.Generator().manual_seed(item_seed(self.seed, index))
-                decoded.append(self.augment(image, label, generator))
-            except Exception as error:  # an unreadable image or mask is skipped and counted
-                bad += 1
-                message = streak.failed(self.item_path(sample), error)
-                if message is not None:
-                    yield stream_error(message)
-                    return
-                continue
-            streak.succeeded()
-            if len(decoded) == self.batch_size:
-                position = WorkerPosition(consumed=taken, bad_samples=bad)
-                yield {**collate_crops(decoded), "worker": worker,
-                       "position": asdict(position)}
-                decoded = []
+    def dealt(self, worker: int, taken: int) -> int:
+        """The stream index of a worker's ``taken``-th item."""
+        return dealt_item(taken, worker, self.rank, self.world_size, self.num_workers)
+
+    def worker_pass(self, worker: int, start: WorkerPosition) -> FilePass:
+        streak = FailureStreak("train", self.source, len(self.samples), self.skips)
+        return FilePass(self.items(worker, start.consumed), start, streak, self.item_path)
+
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """A worker's items from its ``consumed``-th on, each seeded by its stream index."""
+        for taken in itertools.count(consumed):
+            index = self.dealt(worker, taken)
+            yield Item(self.sample_at(index), seed=item_seed(self.seed, index),
+                       consumed=taken + 1)
+
+    def load_item(self, item: Item) -> tuple:
+        """Load, then augment drawing only from a generator seeded with the item's seed."""
+        image, label = self.load(item.source)
+        return self.augment(image, label, torch.Generator().manual_seed(item.seed))
 
 
 class FolderSplit(IterableDataset):
