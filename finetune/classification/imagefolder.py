@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,16 +28,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data_tools.imagefolder import ImageFolderIndex
 from pretrain.engine.images import decode_image
 from pretrain.engine.random_draws import item_seed
-from pretrain.engine.read_failures import FailureStreak, failure_reason
+from pretrain.engine.read_failures import failure_reason
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import (
-    FilePass,
-    Item,
-    ResumableStream,
-    StreamState,
-    WorkerPosition,
-    dealt_item,
-)
+from pretrain.engine.stream import FileStream, Item, StreamState
 
 
 def decode_file(index: ImageFolderIndex, item: int) -> Any:
@@ -44,7 +38,7 @@ def decode_file(index: ImageFolderIndex, item: int) -> Any:
     return decode_image({"jpg": index.path(item).read_bytes()})
 
 
-class ImageFolderStream(ResumableStream):
+class ImageFolderStream(FileStream):
     """Endless labelled batches for one rank of an ImageFolder; see the module docstring.
     ``transform(pil_image)`` augments; ``collate(list of (tensor, label))`` makes the batch."""
 
@@ -53,29 +47,27 @@ class ImageFolderStream(ResumableStream):
                  seed: int, rank: int, world_size: int, num_workers: int,
                  state: StreamState, source: str | None = None,
                  skips: SkipLog | None = None) -> None:
-        super().__init__(collate, batch_size, seed, rank, num_workers, state)
+        super().__init__(collate, batch_size, seed, rank, world_size, num_workers, state,
+                         files=len(index), source=source or str(index.root), skips=skips)
         self.index, self.transform = index, transform
-        self.world_size = world_size
-        self.source, self.skips = source or str(index.root), skips
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def item(self, worker: int, consumed: int) -> int:
         """The image index a worker's ``consumed``-th item is (see the module docstring)."""
-        position = dealt_item(consumed, worker, self.rank, self.world_size, self.num_workers)
-        epoch, offset = divmod(position, len(self.index))
+        epoch, offset = divmod(self.dealt(worker, consumed), len(self.index))
         if self._epoch is None or self._epoch[0] != epoch:
             generator = np.random.default_rng([self.seed, epoch])
             self._epoch = (epoch, generator.permutation(len(self.index)))
         return int(self._epoch[1][offset])
 
-    def worker_pass(self, worker: int, start: WorkerPosition) -> FilePass:
-        streak = FailureStreak("train", self.source, len(self.index), self.skips)
-        return FilePass(self._items(worker, start.consumed), start, streak, self.index.path)
-
-    def _items(self, worker: int, consumed: int) -> Iterator[Item]:
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """Each image seeded by its place in the worker's stream."""
         for taken in itertools.count(consumed):
             yield Item(self.item(worker, taken),
                        seed=item_seed(self.seed, self.rank, worker, taken), consumed=taken + 1)
+
+    def item_path(self, source: int) -> Path:
+        return self.index.path(source)
 
     def load_item(self, item: Item) -> tuple[torch.Tensor, int]:
         image = self.transform(decode_file(self.index, item.source))

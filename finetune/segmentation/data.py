@@ -33,16 +33,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.segmentation.inference import rescaled_size
 from pretrain.engine.random_draws import coin, item_seed, randint, uniform
-from pretrain.engine.read_failures import FailureStreak, failure_reason
+from pretrain.engine.read_failures import failure_reason
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import (
-    FilePass,
-    Item,
-    ResumableStream,
-    StreamState,
-    WorkerPosition,
-    dealt_item,
-)
+from pretrain.engine.stream import FileStream, Item, StreamState
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 Sample = tuple[Path, Path]  # image file, annotation file
@@ -229,7 +222,7 @@ def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, t
     return {"image": torch.stack(images), "label": torch.stack(labels)}
 
 
-class FolderStream(ResumableStream):
+class FolderStream(FileStream):
     """Endless, exactly resumable training batches for one rank (module docstring).
 
     An unreadable item is skipped, counted and listed in ``skips``; when every read fails
@@ -241,10 +234,9 @@ class FolderStream(ResumableStream):
                  world_size: int, num_workers: int, state: StreamState,
                  source: str = "the training split", skips: SkipLog | None = None,
                  collate: Callable[[list[tuple]], dict[str, Any]] = collate_crops) -> None:
-        super().__init__(collate, batch_size, seed, rank, num_workers, state)
+        super().__init__(collate, batch_size, seed, rank, world_size, num_workers, state,
+                         files=len(samples), source=source, skips=skips)
         self.samples, self.load, self.augment = samples, load, augment
-        self.world_size = world_size
-        self.source, self.skips = source, skips
 
     @staticmethod
     def item_path(sample: Any) -> Any:
@@ -258,14 +250,6 @@ class FolderStream(ResumableStream):
             generator = torch.Generator().manual_seed(item_seed(self.seed, epoch) ^ 0x5EED)
             self._order, self._epoch = torch.randperm(len(self.samples), generator=generator), epoch
         return self.samples[int(self._order[within])]
-
-    def dealt(self, worker: int, taken: int) -> int:
-        """The stream index of a worker's ``taken``-th item."""
-        return dealt_item(taken, worker, self.rank, self.world_size, self.num_workers)
-
-    def worker_pass(self, worker: int, start: WorkerPosition) -> FilePass:
-        streak = FailureStreak("train", self.source, len(self.samples), self.skips)
-        return FilePass(self.items(worker, start.consumed), start, streak, self.item_path)
 
     def items(self, worker: int, consumed: int) -> Iterator[Item]:
         """A worker's items from its ``consumed``-th on, each seeded by its stream index."""

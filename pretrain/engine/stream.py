@@ -35,6 +35,7 @@ from pretrain.engine.errors import TrainingAborted
 from pretrain.engine.random_draws import seeded_rngs
 from pretrain.engine.read_failures import STREAM_ERROR as _STREAM_ERROR
 from pretrain.engine.read_failures import FailureStreak, stream_error
+from pretrain.engine.skipped import SkipLog
 
 
 @dataclass
@@ -131,13 +132,6 @@ class FilePass(WorkerPass):
             raise StreamGaveUp(message)
 
 
-def dealt_item(taken: int, worker: int, rank: int, world_size: int, num_workers: int) -> int:
-    """Which item of an endless sequence a worker's ``taken``-th item is when the sequence is
-    dealt like cards, item ``g`` to slot ``g mod (ranks x workers)``: within an epoch, no item
-    is read twice across ranks and workers."""
-    return taken * world_size * num_workers + rank * num_workers + worker
-
-
 class ResumableStream(IterableDataset):
     """Endless, exactly resumable micro-batches for one rank (module docstring).
 
@@ -200,6 +194,38 @@ class ResumableStream(IterableDataset):
                     position = reads.position(item.consumed)
                     yield {**self.collate(loaded), "worker": worker, "position": asdict(position)}
                 loaded = []
+
+
+class FileStream(ResumableStream):
+    """A stream that reads one file per item, over an endless sequence of items (epoch after
+    epoch) dealt like cards to ranks and workers: item ``g`` to slot ``g mod (ranks x
+    workers)``, so within an epoch no file is read twice across them. It gives up after a
+    :class:`pretrain.engine.read_failures.FailureStreak` of failed reads (``files``: the
+    split's size; ``source``: the config field and folder the message names). A stream
+    supplies :meth:`items`, :meth:`item_path` and :meth:`load_item`."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], batch_size: int,
+                 seed: int, rank: int, world_size: int, num_workers: int, state: StreamState,
+                 files: int, source: str, skips: SkipLog | None) -> None:
+        super().__init__(collate, batch_size, seed, rank, num_workers, state)
+        self.world_size, self.files = world_size, files
+        self.source, self.skips = source, skips
+
+    def dealt(self, worker: int, taken: int) -> int:
+        """The index in the endless sequence of a worker's ``taken``-th item."""
+        return taken * self.world_size * self.num_workers + self.rank * self.num_workers + worker
+
+    def worker_pass(self, worker: int, start: WorkerPosition) -> FilePass:
+        streak = FailureStreak("train", self.source, self.files, self.skips)
+        return FilePass(self.items(worker, start.consumed), start, streak, self.item_path)
+
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """A worker's items from its ``consumed``-th on (see :meth:`dealt`)."""
+        raise NotImplementedError
+
+    def item_path(self, source: Any) -> Any:
+        """The file an item's source names, for the skip list and the give-up line."""
+        raise NotImplementedError
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
