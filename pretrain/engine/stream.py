@@ -11,7 +11,9 @@ worker that made it) and ``position`` (that worker's position after it), and the
 engine's ``TrainingAborted`` (one line, exit 1). A stream supplies the rest: which items a
 worker takes from its saved position (:meth:`ResumableStream.worker_pass`: an epoch
 permutation dealt to ranks x workers, shard draws, aspect groups), how one is loaded and
-augmented (:meth:`ResumableStream.load_item`) and how a micro-batch is collated.
+augmented (:meth:`ResumableStream.load_item`) and how a micro-batch is collated. The file
+streams (one file per item) build on :class:`FileStream`, which deals their items to ranks x
+workers and gives up after a streak of failed reads (:class:`FilePass`).
 
 :class:`TrainLoader` keeps the batches' positions in the rank's :class:`StreamState`, which the
 checkpoint saves. The DataLoader hands out batches round-robin over workers; resuming rotates
