@@ -209,7 +209,9 @@ class CocoTrainStream(FolderStream):
             group.append(index)
             if len(group) < self.batch_size:
                 continue
-            if taken >= consumed:  # before the resume point: replayed without reading a file
+            # A group filled before the resume point was a batch before it: its grouping is
+            # replayed (which items wait in the other group), no file is read.
+            if taken >= consumed:
                 for member in group:
                     yield Item(self.sample_at(member), seed=item_seed(self.seed, member),
                                consumed=taken + 1, ends_batch=member == group[-1])
