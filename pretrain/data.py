@@ -12,7 +12,7 @@ from open_clip.transform import AugmentationCfg, image_transform
 from data_tools.mixture import ShardSet
 from data_tools.remote import RemotePolicy
 from pretrain.engine.images import OPENAI_MEAN, OPENAI_STD, decode_image, jpeg_draft_size
-from pretrain.engine.shard_stream import ResumableStream
+from pretrain.engine.shard_stream import ShardStream
 from pretrain.engine.skipped import SkipLog
 from pretrain.engine.stream import StreamState, TrainLoader
 
@@ -77,7 +77,7 @@ def build_train_loader(
     DCT scale that still covers the augmentation (:func:`jpeg_draft_size`); ``remote``: the
     bounds on reading remote shards; ``skip_log``: where shards given up on are listed."""
     draft = jpeg_draft_size(image_size, scale) if jpeg_draft else None
-    stream = ResumableStream(
+    stream = ShardStream(
         shard_sets=shard_sets,
         decode=ImageTextDecoder(train_transform(image_size, scale), draft),
         collate=ImageTextCollator(tokenize),

@@ -27,7 +27,7 @@ from data_tools.shard_writer import Sample, write_shard, write_sizes
 from pretrain.data import decode_caption
 from pretrain.engine.images import decode_image
 from pretrain.engine.launcher import deepspeed_command
-from pretrain.engine.shard_stream import ResumableStream
+from pretrain.engine.shard_stream import ShardStream
 from pretrain.engine.stream import StreamState, TrainLoader
 from pretrain.engine.trainer import TrainingAborted
 
@@ -116,9 +116,9 @@ def _collate(items: list[tuple[str]]) -> dict[str, Any]:
 
 def _loader(sets: list[ShardSet], workers: int = 1, state: StreamState | None = None,
             batch_size: int = 4) -> TrainLoader:
-    stream = ResumableStream(sets, _decode, _collate, batch_size=batch_size, seed=3, rank=0,
-                             num_workers=workers, shuffle_buffer=16, shuffle_initial=4,
-                             state=state or StreamState.fresh(workers))
+    stream = ShardStream(sets, _decode, _collate, batch_size=batch_size, seed=3, rank=0,
+                         num_workers=workers, shuffle_buffer=16, shuffle_initial=4,
+                         state=state or StreamState.fresh(workers))
     return TrainLoader(stream, workers)
 
 

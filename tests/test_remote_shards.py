@@ -25,7 +25,7 @@ from data_tools.shard_writer import Sample, write_shard, write_sizes
 from pretrain.data import decode_caption
 from pretrain.engine.images import decode_image
 from pretrain.engine.launcher import ROOT, find_free_port
-from pretrain.engine.shard_stream import ResumableStream
+from pretrain.engine.shard_stream import ShardStream
 from pretrain.engine.skipped import SkipLog, read_skipped
 from pretrain.engine.stream import StreamState, TrainLoader
 from tests.shard_servers import FaultServer
@@ -54,10 +54,10 @@ def _collate(items: list[tuple[str]]) -> dict[str, Any]:
 
 
 def _loader(pattern: str, run_dir: Path, state: StreamState | None = None) -> TrainLoader:
-    stream = ResumableStream(load_mixture(pattern, POLICY), _decode, _collate, batch_size=4, seed=5,
-                             rank=0, num_workers=0, shuffle_buffer=8, shuffle_initial=2,
-                             state=state or StreamState.fresh(0), remote=POLICY,
-                             skip_log=SkipLog(run_dir))
+    stream = ShardStream(load_mixture(pattern, POLICY), _decode, _collate, batch_size=4, seed=5,
+                         rank=0, num_workers=0, shuffle_buffer=8, shuffle_initial=2,
+                         state=state or StreamState.fresh(0), remote=POLICY,
+                         skip_log=SkipLog(run_dir))
     return TrainLoader(stream, 0)
 
 

@@ -6,9 +6,9 @@ so within an epoch no image is read twice across ranks and workers. A worker's p
 number of items it has taken (``consumed``): resuming recomputes the same permutations and
 starts there, without reading a file. Each image's augmentation is seeded from its place in the
 worker's stream (torch and Python's ``random``, which timm's crops and RandAugment use), so a
-resumed run sees exactly the batches of an uninterrupted one. The batches carry the same
-``worker``/``position`` fields as the shard stream's, for :class:`pretrain.data.TrainLoader`,
-which also rotates the workers on resume. Undecodable images are skipped and counted.
+resumed run sees exactly the batches of an uninterrupted one. The logical workers, the
+seeding, the positions and giving up are :class:`pretrain.engine.stream.ResumableStream`'s.
+Undecodable images are skipped and counted.
 
 Validation: image ``i`` (in the folder's fixed order) goes to slot ``i mod (ranks x workers)``,
 as :mod:`pretrain.engine.eval_slices` slices shards.
@@ -16,9 +16,9 @@ as :mod:`pretrain.engine.eval_slices` slices shards.
 
 from __future__ import annotations
 
-import random
+import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.imagefolder import ImageFolderIndex
 from pretrain.engine.images import decode_image
-from pretrain.engine.read_failures import FailureStreak, failure_reason, stream_error
+from pretrain.engine.random_draws import item_seed
+from pretrain.engine.read_failures import failure_reason
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import StreamState, WorkerPosition
+from pretrain.engine.stream import FileStream, Item, StreamState
 
 
 def decode_file(index: ImageFolderIndex, item: int) -> Any:
@@ -37,14 +38,7 @@ def decode_file(index: ImageFolderIndex, item: int) -> Any:
     return decode_image({"jpg": index.path(item).read_bytes()})
 
 
-def _seed(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63)
-    return seed
-
-
-class ImageFolderStream(IterableDataset):
+class ImageFolderStream(FileStream):
     """Endless labelled batches for one rank of an ImageFolder; see the module docstring.
     ``transform(pil_image)`` augments; ``collate(list of (tensor, label))`` makes the batch."""
 
@@ -53,68 +47,31 @@ class ImageFolderStream(IterableDataset):
                  seed: int, rank: int, world_size: int, num_workers: int,
                  state: StreamState, source: str | None = None,
                  skips: SkipLog | None = None) -> None:
-        super().__init__()
-        if len(state.workers) != max(1, num_workers):
-            raise ValueError("stream state was saved with a different number of data workers")
-        self.index, self.transform, self.collate = index, transform, collate
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.state = state
-        self.source, self.skips = source or str(index.root), skips
+        super().__init__(collate, batch_size, seed, rank, world_size, num_workers, state,
+                         files=len(index), source=source or str(index.root), skips=skips)
+        self.index, self.transform = index, transform
         self._epoch: tuple[int, np.ndarray] | None = None
-
-    def _logical_worker(self) -> int:
-        # the same rotation as pretrain.data.ResumableStream, which TrainLoader relies on
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        return (physical + self.state.micro_batches) % self.num_workers
 
     def item(self, worker: int, consumed: int) -> int:
         """The image index a worker's ``consumed``-th item is (see the module docstring)."""
-        slots = self.world_size * self.num_workers
-        position = consumed * slots + self.rank * self.num_workers + worker
-        epoch, offset = divmod(position, len(self.index))
+        epoch, offset = divmod(self.dealt(worker, consumed), len(self.index))
         if self._epoch is None or self._epoch[0] != epoch:
             generator = np.random.default_rng([self.seed, epoch])
             self._epoch = (epoch, generator.permutation(len(self.index)))
         return int(self._epoch[1][offset])
 
-    def _decode_seeded(self, item: int, worker: int, consumed: int) -> tuple[torch.Tensor, int]:
-        seed = _seed(self.seed, self.rank, worker, consumed)
-        python_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                image = self.transform(decode_file(self.index, item))
-        finally:
-            random.setstate(python_state)
-        return image, int(self.index.labels[item])
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """Each image seeded by its place in the worker's stream."""
+        for taken in itertools.count(consumed):
+            yield Item(self.item(worker, taken),
+                       seed=item_seed(self.seed, self.rank, worker, taken), consumed=taken + 1)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = self._logical_worker()
-        start = self.state.workers[worker]
-        consumed, bad = start.consumed, start.bad_samples
-        streak = FailureStreak("train", self.source, len(self.index), self.skips)
-        decoded: list[tuple] = []
-        while True:
-            item = self.item(worker, consumed)
-            consumed += 1
-            try:
-                decoded.append(self._decode_seeded(item, worker, consumed - 1))
-                streak.succeeded()
-            except Exception as error:  # an unreadable image is skipped and counted, never fatal
-                bad += 1
-                message = streak.failed(self.index.path(item), error)
-                if message is not None:
-                    yield stream_error(message)
-                    return
-                continue
-            if len(decoded) == self.batch_size:
-                position = WorkerPosition(consumed=consumed, bad_samples=bad)
-                yield {**self.collate(decoded), "worker": worker, "position": asdict(position)}
-                decoded = []
+    def item_path(self, source: int) -> Path:
+        return self.index.path(source)
+
+    def load_item(self, item: Item) -> tuple[torch.Tensor, int]:
+        image = self.transform(decode_file(self.index, item.source))
+        return image, int(self.index.labels[item.source])
 
 
 class ImageFolderSplit(IterableDataset):

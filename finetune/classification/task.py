@@ -49,7 +49,7 @@ from pretrain.encoders.weights import (
 )
 from pretrain.engine.eval_slices import SlicedSplit, sliced_loader
 from pretrain.engine.flops import image_model_train_flops
-from pretrain.engine.shard_stream import ResumableStream
+from pretrain.engine.shard_stream import ShardStream
 from pretrain.engine.stream import StreamState, TrainLoader
 from pretrain.engine.task import Batch, Evaluator, LossOutput, Task, stream_epoch_samples
 
@@ -181,7 +181,7 @@ class ClassificationTask(Task):
                 self.cfg.train.seed, rank, distributed.world_size(), data.workers, state,
                 source=f"data.train {data.train}", skips=self.skip_log(rank))
             return TrainLoader(folder, data.workers)
-        stream = ResumableStream(
+        stream = ShardStream(
             shard_sets=self.shard_sets,
             decode=LabelledImageDecoder(data, self._train_transform()),
             collate=collate_labelled,

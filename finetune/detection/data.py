@@ -25,8 +25,8 @@ original size; COCOeval gets the detections in those pixels.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -34,11 +34,12 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.detection.coco import CocoIndex
-from finetune.segmentation.data import FolderStream, _item_seed, _randint, _uniform, read_image
+from finetune.segmentation.data import FolderStream, read_image
 from finetune.segmentation.inference import rescaled_size
-from pretrain.engine.read_failures import failure_reason, stream_error
+from pretrain.engine.random_draws import choice, item_seed, randint, uniform
+from pretrain.engine.read_failures import failure_reason
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import StreamState, WorkerPosition
+from pretrain.engine.stream import Item, StreamState
 
 Target = dict[str, torch.Tensor]
 POLICIES = ("multiscale", "crop", "none")
@@ -90,10 +91,6 @@ def crop(image: torch.Tensor, target: Target, top: int, left: int, height: int,
     }
 
 
-def _choice(generator: torch.Generator, values: Sequence[int]) -> int:
-    return int(values[_randint(generator, len(values))])
-
-
 class DetectionAugment:
     """Training augmentation of the published recipes, drawing only from ``generator`` (so
     a resumed stream augments each image as before).
@@ -126,24 +123,24 @@ class DetectionAugment:
 
     def __call__(self, image: torch.Tensor, target: Target,
                  generator: torch.Generator) -> tuple[torch.Tensor, Target]:
-        if _uniform(generator) < self.flip:
+        if uniform(generator) < self.flip:
             image, target = flip_horizontally(image, target)
         if self.policy == "none":
             return image, target
-        if self.policy == "crop" and _uniform(generator) >= CROP_BRANCH_PROBABILITY:
-            image, target = resize_keep_ratio(image, target, _choice(generator, self.crop_scales),
+        if self.policy == "crop" and uniform(generator) >= CROP_BRANCH_PROBABILITY:
+            image, target = resize_keep_ratio(image, target, choice(generator, self.crop_scales),
                                               self.max_size)
             image, target = self._random_crop(image, target, generator)
-        return resize_keep_ratio(image, target, _choice(generator, self.scales), self.max_size)
+        return resize_keep_ratio(image, target, choice(generator, self.scales), self.max_size)
 
     def _random_crop(self, image: torch.Tensor, target: Target,
                      generator: torch.Generator) -> tuple[torch.Tensor, Target]:
         height, width = image.shape[-2:]
         low, high = self.crop_size
-        crop_h = min(height, low) + _randint(generator, min(height, high) - min(height, low) + 1)
-        crop_w = min(width, low) + _randint(generator, min(width, high) - min(width, low) + 1)
-        top = _randint(generator, height - crop_h + 1)
-        left = _randint(generator, width - crop_w + 1)
+        crop_h = min(height, low) + randint(generator, min(height, high) - min(height, low) + 1)
+        crop_w = min(width, low) + randint(generator, min(width, high) - min(width, low) + 1)
+        top = randint(generator, height - crop_h + 1)
+        left = randint(generator, width - crop_w + 1)
         return crop(image, target, top, left, crop_h, crop_w)
 
 
@@ -172,10 +169,15 @@ def aspect_group(height: int, width: int) -> int:
     return 0 if width >= height else 1
 
 
+def collate_detection(items: list[tuple[torch.Tensor, Target]]) -> dict[str, list]:
+    """Images of several sizes stay a list (the detector pads them), with their targets."""
+    return {"images": [image for image, _ in items], "targets": [target for _, target in items]}
+
+
 class CocoTrainStream(FolderStream):
     """Endless, exactly resumable, aspect-grouped training batches for one rank (module
     docstring): ``{"images": [uint8 (3, h, w)], "targets": [{"boxes", "labels", "masks"}],
-    "worker", "position"}``, for :class:`pretrain.data.TrainLoader`."""
+    "worker", "position"}``, for :class:`pretrain.engine.stream.TrainLoader`."""
 
     def __init__(self, index: CocoIndex, augment: DetectionAugment, batch_size: int, seed: int,
                  rank: int, world_size: int, num_workers: int, state: StreamState,
@@ -186,7 +188,8 @@ class CocoTrainStream(FolderStream):
             raise ValueError(f"{index.annotation_file}: no image has a usable (non-crowd, "
                              "non-empty) object to train on")
         super().__init__(image_ids, LoadCocoImage(index), augment, batch_size, seed, rank,
-                         world_size, num_workers, state, source, skips)
+                         world_size, num_workers, state, source, skips,
+                         collate=collate_detection)
         self.index, self.group_by_aspect = index, group_by_aspect
 
     def item_path(self, image_id: int) -> Any:
@@ -196,48 +199,23 @@ class CocoTrainStream(FolderStream):
         return aspect_group(*self.index.image_size(self.sample_at(index))) \
             if self.group_by_aspect else 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = self._logical_worker()
-        slots = self.world_size * self.num_workers
-        slot = self.rank * self.num_workers + worker
-        start = self.state.workers[worker]
-        bad, streak = start.bad_samples, self.failure_streak()
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """A worker's items grouped by aspect: a group's items come once it is full, the last
+        one ending the batch (of those that load); every item's position is the group's."""
         groups: tuple[list[int], list[int]] = ([], [])
-        for taken in range(start.consumed):  # replay the grouping up to the resume point
-            group = groups[self._group(taken * slots + slot)]
-            group.append(taken * slots + slot)
-            if len(group) == self.batch_size:
-                group.clear()
-        taken = start.consumed
-        while True:
-            index = taken * slots + slot
-            taken += 1
+        for taken in itertools.count():
+            index = self.dealt(worker, taken)
             group = groups[self._group(index)]
             group.append(index)
             if len(group) < self.batch_size:
                 continue
-            images, targets = [], []
-            for member in group:
-                image_id = self.sample_at(member)
-                try:
-                    image, target = self.load(image_id)
-                    generator = torch.Generator().manual_seed(_item_seed(self.seed, member))
-                    image, target = self.augment(image, target, generator)
-                except Exception as error:  # an unreadable image is skipped and counted
-                    bad += 1
-                    message = streak.failed(self.item_path(image_id), error)
-                    if message is not None:
-                        yield stream_error(message)
-                        return
-                    continue
-                streak.succeeded()
-                images.append(image)
-                targets.append(target)
+            # A group filled before the resume point was a batch before it: its grouping is
+            # replayed (which items wait in the other group), no file is read.
+            if taken >= consumed:
+                for member in group:
+                    yield Item(self.sample_at(member), seed=item_seed(self.seed, member),
+                               consumed=taken + 1, ends_batch=member == group[-1])
             group.clear()
-            if images:
-                position = WorkerPosition(consumed=taken, bad_samples=bad)
-                yield {"images": images, "targets": targets, "worker": worker,
-                       "position": asdict(position)}
 
 
 class CocoValSplit(IterableDataset):

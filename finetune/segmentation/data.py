@@ -4,13 +4,13 @@ Layout: ``<root>/images/<split>/<name>.jpg`` (or .png) with ``<root>/annotations
 <name>.png``, a single-channel PNG of class indices. With ``reduce_zero_label`` (ADE20K) label
 0 ("other") becomes the ignore index and 1..K become 0..K-1.
 
-Training stream (:class:`FolderStream`), exactly resumable like :mod:`pretrain.data`'s: every
-epoch is a permutation of the images seeded by (seed, epoch), the same on every rank; item ``g``
-of the concatenated epochs belongs to slot ``g mod (ranks x workers)``, so ranks and workers
-split every epoch between them; each item's augmentation draws from a generator seeded by
-(seed, g). A worker's position is the number of items it has taken, so resuming is arithmetic:
-nothing is read or decoded to get back to the saved position. It plugs into
-:class:`pretrain.data.TrainLoader` (positions per logical worker, worker rotation on resume).
+Training stream (:class:`FolderStream`), exactly resumable like the shard stream: every epoch
+is a permutation of the images seeded by (seed, epoch), the same on every rank; item ``g`` of
+the concatenated epochs belongs to slot ``g mod (ranks x workers)``, so ranks and workers split
+every epoch between them; each item's augmentation draws from a generator seeded by (seed, g).
+A worker's position is the number of items it has taken, so resuming is arithmetic: nothing is
+read or decoded to get back to the saved position. The logical workers, the positions, the
+batches and giving up are :class:`pretrain.engine.stream.ResumableStream`'s.
 
 Validation (:class:`FolderSplit`): image ``i`` (in name order) belongs to slot
 ``i mod (ranks x workers)``, one image per batch at its own size.
@@ -18,9 +18,9 @@ Validation (:class:`FolderSplit`): image ``i`` (in name order) belongs to slot
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,10 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from finetune.segmentation.inference import rescaled_size
-from pretrain.engine.read_failures import FailureStreak, failure_reason, stream_error
+from pretrain.engine.random_draws import coin, item_seed, randint, uniform
+from pretrain.engine.read_failures import failure_reason
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import StreamState, WorkerPosition
+from pretrain.engine.stream import FileStream, Item, StreamState
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 Sample = tuple[Path, Path]  # image file, annotation file
@@ -154,7 +155,7 @@ class TrainAugment:
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self._rescale(image, label, generator)
         image, label = self._crop(image, label, generator)
-        if _uniform(generator) < self.flip:
+        if uniform(generator) < self.flip:
             image, label = image.flip(-1), label.flip(-1)
         image = image.float()
         if self.photometric:
@@ -169,7 +170,7 @@ class TrainAugment:
     def _rescale(self, image: torch.Tensor, label: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.ratio_range
-        ratio = low + (high - low) * _uniform(generator)
+        ratio = low + (high - low) * uniform(generator)
         size = list(rescaled_size(*image.shape[-2:], [int(s * ratio) for s in self.scale]))
         image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR,
                           antialias=False)
@@ -180,8 +181,8 @@ class TrainAugment:
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = label.shape
         for _ in range(self.CROP_TRIES):
-            top = _randint(generator, max(height - self.crop, 0) + 1)
-            left = _randint(generator, max(width - self.crop, 0) + 1)
+            top = randint(generator, max(height - self.crop, 0) + 1)
+            left = randint(generator, max(width - self.crop, 0) + 1)
             crop = label[top:top + self.crop, left:left + self.crop]
             if self.cat_max_ratio >= 1:
                 break
@@ -196,40 +197,24 @@ def photometric_distortion(image: torch.Tensor, generator: torch.Generator) -> t
     """mmseg's PhotoMetricDistortion on a 0..255 float image, each step with probability 1/2:
     brightness +-32, contrast x U(0.5, 1.5) (before or after the colour steps, at random),
     saturation x U(0.5, 1.5) and hue +-18 of OpenCV's 180 (torchvision's colour operators)."""
-    if _coin(generator):
-        image = (image + (_uniform(generator) * 64 - 32)).clamp(0, 255)
-    contrast_first = _coin(generator)
+    if coin(generator):
+        image = (image + (uniform(generator) * 64 - 32)).clamp(0, 255)
+    contrast_first = coin(generator)
 
     def contrast(x: torch.Tensor) -> torch.Tensor:
-        return (x * (0.5 + _uniform(generator))).clamp(0, 255) if _coin(generator) else x
+        return (x * (0.5 + uniform(generator))).clamp(0, 255) if coin(generator) else x
 
     if contrast_first:
         image = contrast(image)
     unit = image / 255.0
-    if _coin(generator):
-        unit = TF.adjust_saturation(unit, 0.5 + _uniform(generator)).clamp(0, 1)
-    if _coin(generator):
-        unit = TF.adjust_hue(unit, (_randint(generator, 37) - 18) / 180.0)
+    if coin(generator):
+        unit = TF.adjust_saturation(unit, 0.5 + uniform(generator)).clamp(0, 1)
+    if coin(generator):
+        unit = TF.adjust_hue(unit, (randint(generator, 37) - 18) / 180.0)
     image = unit * 255.0
     if not contrast_first:
         image = contrast(image)
     return image
-
-
-def _uniform(generator: torch.Generator) -> float:
-    return float(torch.rand((), generator=generator))
-
-
-def _randint(generator: torch.Generator, high: int) -> int:
-    return int(torch.randint(high, (), generator=generator))
-
-
-def _coin(generator: torch.Generator) -> bool:
-    return _randint(generator, 2) == 1
-
-
-def _item_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % (2**63)
 
 
 def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -237,7 +222,7 @@ def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, t
     return {"image": torch.stack(images), "label": torch.stack(labels)}
 
 
-class FolderStream(IterableDataset):
+class FolderStream(FileStream):
     """Endless, exactly resumable training batches for one rank (module docstring).
 
     An unreadable item is skipped, counted and listed in ``skips``; when every read fails
@@ -247,69 +232,36 @@ class FolderStream(IterableDataset):
     def __init__(self, samples: list[Sample], load: Callable[[Sample], tuple],
                  augment: TrainAugment, batch_size: int, seed: int, rank: int,
                  world_size: int, num_workers: int, state: StreamState,
-                 source: str = "the training split", skips: SkipLog | None = None) -> None:
-        super().__init__()
-        if len(state.workers) != max(1, num_workers):
-            raise ValueError("stream state was saved with a different number of data workers")
+                 source: str = "the training split", skips: SkipLog | None = None,
+                 collate: Callable[[list[tuple]], dict[str, Any]] = collate_crops) -> None:
+        super().__init__(collate, batch_size, seed, rank, world_size, num_workers, state,
+                         files=len(samples), source=source, skips=skips)
         self.samples, self.load, self.augment = samples, load, augment
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.state = state
-        self.source, self.skips = source, skips
-
-    def failure_streak(self) -> FailureStreak:
-        return FailureStreak("train", self.source, len(self.samples), self.skips)
 
     @staticmethod
     def item_path(sample: Any) -> Any:
         """The file an item names, for the skip list (the image of an (image, mask) pair)."""
         return sample[0] if isinstance(sample, tuple) else sample
 
-    def _logical_worker(self) -> int:
-        # TrainLoader hands out batches round-robin from physical worker 0; after a resume at
-        # micro-batch m the next batch is logical worker m's (pretrain.data does the same).
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        return (physical + self.state.micro_batches) % self.num_workers
-
     def sample_at(self, index: int) -> Sample:
         """The image of item ``index`` of the stream (every rank agrees on it)."""
         epoch, within = divmod(index, len(self.samples))
         if getattr(self, "_epoch", None) != epoch:
-            generator = torch.Generator().manual_seed(_item_seed(self.seed, epoch) ^ 0x5EED)
+            generator = torch.Generator().manual_seed(item_seed(self.seed, epoch) ^ 0x5EED)
             self._order, self._epoch = torch.randperm(len(self.samples), generator=generator), epoch
         return self.samples[int(self._order[within])]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = self._logical_worker()
-        slots = self.world_size * self.num_workers
-        slot = self.rank * self.num_workers + worker
-        start = self.state.workers[worker]
-        bad, streak = start.bad_samples, self.failure_streak()
-        decoded: list[tuple[torch.Tensor, torch.Tensor]] = []
-        taken = start.consumed
-        while True:
-            index = taken * slots + slot
-            taken += 1
-            sample = self.sample_at(index)
-            try:
-                image, label = self.load(sample)
-                generator = torch.Generator().manual_seed(_item_seed(self.seed, index))
-                decoded.append(self.augment(image, label, generator))
-            except Exception as error:  # an unreadable image or mask is skipped and counted
-                bad += 1
-                message = streak.failed(self.item_path(sample), error)
-                if message is not None:
-                    yield stream_error(message)
-                    return
-                continue
-            streak.succeeded()
-            if len(decoded) == self.batch_size:
-                position = WorkerPosition(consumed=taken, bad_samples=bad)
-                yield {**collate_crops(decoded), "worker": worker,
-                       "position": asdict(position)}
-                decoded = []
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """A worker's items from its ``consumed``-th on, each seeded by its stream index."""
+        for taken in itertools.count(consumed):
+            index = self.dealt(worker, taken)
+            yield Item(self.sample_at(index), seed=item_seed(self.seed, index),
+                       consumed=taken + 1)
+
+    def load_item(self, item: Item) -> tuple:
+        """Load, then augment drawing only from a generator seeded with the item's seed."""
+        image, label = self.load(item.source)
+        return self.augment(image, label, torch.Generator().manual_seed(item.seed))
 
 
 class FolderSplit(IterableDataset):

@@ -4,14 +4,17 @@ hang.
 An exception raised inside a data-loader worker reaches the rank's main process as a wall of
 tracebacks, and the exception's traceback keeps the loader's iterator alive, so its workers
 are never told to stop and the interpreter's exit waits on them for ever. A stream that gives
-up therefore yields one item, :func:`stream_error`, instead of raising; :class:`pretrain.data.
-TrainLoader` stops its workers and raises the message as ``TrainingAborted`` (one line, exit 1).
+up therefore yields one item, :func:`stream_error`, instead of raising (what
+:class:`pretrain.engine.stream.ResumableStream` does with every stream's give-up);
+:class:`pretrain.engine.stream.TrainLoader` stops its workers and raises the message as
+``TrainingAborted`` (one line, exit 1).
 
 Every file-based stream (the ImageFolder classification stream, the ADE-layout segmentation
-stream, the COCO detection stream) counts its failed reads with one :class:`FailureStreak`: each
-failure goes to the run's skip list (:class:`pretrain.engine.skipped.SkipLog`); a streak of
-``min(GIVE_UP_AFTER_FAILURES, files in the split)`` failures in a row gives up, naming the
-split, the config field that points at it and the first few files with their reasons.
+stream, the COCO detection stream) counts its failed reads with one :class:`FailureStreak`
+(through :class:`pretrain.engine.stream.FilePass`): each failure goes to the run's skip list
+(:class:`pretrain.engine.skipped.SkipLog`); a streak of ``min(GIVE_UP_AFTER_FAILURES, files in
+the split)`` failures in a row gives up, naming the split, the config field that points at it
+and the first few files with their reasons.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pretrain.engine.skipped import SkipLog
 
 STREAM_ERROR = "stream_error"  # the one item a worker yields when its stream cannot go on
 # 1000 failed reads in a row is no longer bad luck (the shard stream gives up on a shard set
-# after as many undecodable samples, pretrain.data); a smaller split gives up sooner.
+# after as many undecodable samples, pretrain.engine.shard_stream); a smaller split gives
+# up sooner.
 GIVE_UP_AFTER_FAILURES = 1000
 SHOWN_FILES = 3  # files named in the one-line message
 _REASON_CHARS = 160

@@ -10,9 +10,9 @@ Design points:
   buffer, and each sample's augmentation (seeded from its index in the worker's stream). A
   worker's position is therefore one number, ``consumed`` (samples taken from its shuffled
   stream); on resume the worker replays its stream up to that point *without decoding*, which
-  reproduces the shuffle buffer and costs only tar reading. The DataLoader hands out batches
-  round-robin over workers; resuming rotates the workers' roles so that the next batch comes
-  from the same logical worker as in an uninterrupted run.
+  reproduces the shuffle buffer and costs only tar reading. What every stream shares (the
+  logical workers, the seeding, the batches' positions, giving up in one line) is
+  :class:`pretrain.engine.stream.ResumableStream`'s.
 * Bad samples (undecodable image, missing caption, unreadable shard) are skipped and counted;
   the counts travel with every batch and are logged.
 * Shards may be remote (``http(s)://``, ``s3://``, ``pipe:``; :mod:`data_tools.remote`): every
@@ -27,7 +27,8 @@ Design points:
   (at most ``GIVE_UP_AFTER_SHARDS`` distinct ones) has been drawn since the set's last good
   sample, and those draws read no sample at all, or the last ``GIVE_UP_AFTER_FAILURES`` samples
   read from it all failed to decode. The worker hands the error to the rank's main process,
-  where :class:`TrainLoader` raises it as the engine's ``TrainingAborted``: one line, exit 1.
+  where :class:`pretrain.engine.stream.TrainLoader` raises it as the engine's
+  ``TrainingAborted``: one line, exit 1.
 """
 
 from __future__ import annotations
@@ -36,21 +37,26 @@ import contextlib
 import random
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import braceexpand
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_tools.mixture import ShardSet, draw_shards, drawable_shards
 from data_tools.remote import RemotePolicy, ShardUnavailable, describe_error, open_shard
+from pretrain.engine.random_draws import item_seed
 from pretrain.engine.read_failures import GIVE_UP_AFTER_FAILURES
-from pretrain.engine.read_failures import STREAM_ERROR as _STREAM_ERROR
 from pretrain.engine.skipped import SkipLog
-from pretrain.engine.stream import StreamState, WorkerPosition, item_seed
+from pretrain.engine.stream import (
+    Item,
+    ResumableStream,
+    StreamGaveUp,
+    StreamState,
+    WorkerPass,
+    WorkerPosition,
+)
 
 # When a shard set is given up on (module docstring). 1000 bad samples in a row from a set
 # whose every drawn shard was read is no longer bad luck: a set with 10% good shards passes
@@ -126,7 +132,7 @@ class _ReportingStream:
             self.raw.close()
 
 
-class StreamStalled(RuntimeError):
+class StreamStalled(StreamGaveUp):
     """A shard set of the stream can no longer yield a sample."""
 
 
@@ -184,13 +190,20 @@ class _SetWatch:
                 "; check it with python -m data_tools.inspect_shards")
 
 
-class ResumableStream(IterableDataset):
+class _Drawn(NamedTuple):
+    """A raw sample and the set of the mixture it was drawn from."""
+
+    set_index: int
+    sample: dict[str, Any]
+
+
+class ShardStream(ResumableStream):
     """Endless batches for one rank from a shard mixture; see the module docstring.
 
-    ``decode(sample, worker, index)`` turns one raw webdataset sample into a tuple of fields
-    (raising on bad data, which is counted and skipped); it runs with the torch RNG seeded from
-    the sample's position, so random augmentation is reproducible. ``collate(list_of_tuples)``
-    turns a full micro-batch into a dict of tensors.
+    ``decode(sample)`` turns one raw webdataset sample into a tuple of fields (raising on bad
+    data, which is counted and skipped); it runs with the torch RNG and Python's ``random``
+    seeded from the sample's position, so random augmentation is reproducible.
+    ``collate(list_of_tuples)`` turns a full micro-batch into a dict of tensors.
     """
 
     def __init__(
@@ -208,29 +221,24 @@ class ResumableStream(IterableDataset):
         remote: RemotePolicy | None = None,
         skip_log: SkipLog | None = None,
     ) -> None:
-        super().__init__()
-        if len(state.workers) != max(1, num_workers):
-            raise ValueError("stream state was saved with a different number of data workers")
+        super().__init__(collate, batch_size, seed, rank, num_workers, state)
         self.shard_sets = shard_sets
         self.decode = decode
-        self.collate = collate
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.num_workers = max(1, num_workers)
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_initial = min(shuffle_initial, shuffle_buffer)
-        self.state = state
         self.remote = remote or RemotePolicy()
         self.skip_log = skip_log or SkipLog(None)
 
-    def _logical_worker(self) -> int:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        return (physical + self.state.micro_batches) % self.num_workers
+    def worker_pass(self, worker: int, start: WorkerPosition) -> WorkerPass:
+        return _ShardPass(self, worker, start)
 
-    def _shuffled_samples(self, worker: int, errors: _ShardErrors,
-                          watch: _SetWatch) -> Iterator[dict]:
+    def load_item(self, item: Item) -> tuple:
+        return self.decode(item.source.sample)
+
+    def shuffled_samples(self, worker: int, errors: _ShardErrors,
+                         watch: _SetWatch) -> Iterator[dict]:
+        """A logical worker's endless stream of raw samples: its shard draws, read through
+        ``errors`` and tagged by ``watch``, then shuffled; the same on every pass."""
         shard_rng = random.Random(f"shards-{self.seed}-{self.rank}-{worker}")
         urls = _watched_draws(self.shard_sets, shard_rng, watch)
         files = tar_file_expander(self._opened(urls, errors), handler=errors)
@@ -258,64 +266,45 @@ class ResumableStream(IterableDataset):
             finally:
                 stream.close()
 
-    def _decode_seeded(self, sample: dict[str, Any], worker: int, index: int) -> tuple:
-        """Decode with every RNG an augmentation may draw from seeded from the sample's place
-        in the stream: torch (torchvision, open_clip) and Python's ``random`` (timm's crops and
-        RandAugment), so a resumed stream augments each sample exactly as before."""
-        seed = item_seed(self.seed, self.rank, worker, index)
-        python_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                # The CPU generator only (what augmentations draw from): torch.manual_seed also
-                # queues a CUDA seeding with a formatted stack trace, ~2 ms a sample in a worker.
-                torch.default_generator.manual_seed(seed)
-                random.seed(seed)
-                return self.decode(sample)
-        finally:
-            random.setstate(python_state)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Batches; if the stream stalls (see :class:`_SetWatch`), one ``{"stream_error":
-        message}`` item instead, then the end (a worker's exception would reach the main
-        process as a traceback; this reaches it as a message :class:`TrainLoader` raises)."""
-        try:
-            yield from self._batches()
-        except StreamStalled as error:
-            yield {_STREAM_ERROR: str(error)}
+class _ShardPass(WorkerPass):
+    """A worker's pass over its shard stream: it replays its stream up to the saved position
+    without decoding, counts unreadable shards and tar members, remembers the shards given up
+    on, and gives up on a shard set per :class:`_SetWatch`."""
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        worker = self._logical_worker()
-        start = self.state.workers[worker]
-        dead = dict(start.dead_shards)
-        errors = _ShardErrors(self.skip_log, self.rank, dead)
-        watch = _SetWatch(self.shard_sets)
-        bad_samples = start.bad_samples
+    def __init__(self, stream: ShardStream, worker: int, start: WorkerPosition) -> None:
+        self.start = start
+        self.dead = dict(start.dead_shards)
+        self.errors = _ShardErrors(stream.skip_log, stream.rank, self.dead)
+        self.watch = _SetWatch(stream.shard_sets)
         # Shard errors met while replaying were counted in the saved state, up to the sample
         # the saved position ends at (the same point of the same stream).
-        bad_shards_before_resume = 0
-        decoded: list[tuple] = []
-        for index, sample in enumerate(self._shuffled_samples(worker, errors, watch)):
+        self.bad_shards_before_resume = 0
+        super().__init__(self._items(stream, worker), start)
+
+    def _items(self, stream: ShardStream, worker: int) -> Iterator[Item]:
+        samples = stream.shuffled_samples(worker, self.errors, self.watch)
+        for index, sample in enumerate(samples):
             set_index = sample.pop(_SET_KEY)
-            if index < start.consumed:
-                watch.alive(set_index)  # it was in the stream before the resume point
-                bad_shards_before_resume = errors.count
+            if index < self.start.consumed:
+                self.watch.alive(set_index)  # it was in the stream before the resume point
+                self.bad_shards_before_resume = self.errors.count
                 continue  # replaying up to the resume point: no decoding
-            try:
-                decoded.append(self._decode_seeded(sample, worker, index))
-            except Exception:  # any undecodable sample is skipped and counted, never fatal
-                bad_samples += 1
-                watch.failed_to_decode(set_index)
-                continue
-            watch.alive(set_index)
-            if len(decoded) == self.batch_size:
-                position = WorkerPosition(
-                    consumed=index + 1,
-                    bad_samples=bad_samples,
-                    bad_shards=start.bad_shards + errors.count - bad_shards_before_resume,
-                    dead_shards=dict(dead),
-                )
-                yield {**self.collate(decoded), "worker": worker, "position": asdict(position)}
-                decoded = []
+            yield Item(_Drawn(set_index, sample),
+                       seed=item_seed(stream.seed, stream.rank, worker, index),
+                       consumed=index + 1)
+
+    def loaded(self, item: Item) -> None:
+        self.watch.alive(item.source.set_index)
+
+    def failed(self, item: Item, error: Exception) -> None:
+        super().failed(item, error)
+        self.watch.failed_to_decode(item.source.set_index)
+
+    def position(self, consumed: int) -> WorkerPosition:
+        bad_shards = self.start.bad_shards + self.errors.count - self.bad_shards_before_resume
+        return WorkerPosition(consumed=consumed, bad_samples=self.bad_samples,
+                              bad_shards=bad_shards, dead_shards=dict(self.dead))
 
 
 def _watched_draws(shard_sets: list[ShardSet], rng: random.Random,
@@ -324,9 +313,3 @@ def _watched_draws(shard_sets: list[ShardSet], rng: random.Random,
         watch.drew(set_index, url)
         yield {"url": url}
 
-
-def _watched_draws(shard_sets: list[ShardSet], rng: random.Random,
-                   watch: _SetWatch) -> Iterator[dict[str, str]]:
-    for set_index, url in draw_shards(shard_sets, rng):
-        watch.drew(set_index, url)
-        yield {"url": url}

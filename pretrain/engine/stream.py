@@ -1,28 +1,43 @@
-"""A rank's resumable training stream as the trainer sees it: per-worker positions, the
-DataLoader that carries them, and the seed of each item's augmentation.
+"""A rank's resumable training stream: the base every training stream builds on, the
+per-worker positions it hands out, and the DataLoader that carries them to the checkpoint.
 
-A stream (:mod:`pretrain.engine.shard_stream`, the fine-tuning folder streams) hands out
-batches that carry ``worker`` (the logical worker that made it) and ``position`` (that worker's
-:class:`WorkerPosition` after it); :class:`TrainLoader` keeps them in the rank's
-:class:`StreamState`, which the checkpoint saves. The DataLoader hands out batches round-robin
-over workers; resuming rotates the workers' roles (:func:`logical_worker`) so that the next batch
-comes from the same logical worker as in an uninterrupted run.
+:class:`ResumableStream` owns what every stream shares: which logical worker a DataLoader
+worker plays (:meth:`ResumableStream.logical_worker`), the seeding of each item's augmentation
+(:func:`pretrain.engine.random_draws.seeded_rngs`), the skip counting and the position
+(:class:`WorkerPosition`), the batching into micro-batches carrying ``worker`` (the logical
+worker that made it) and ``position`` (that worker's position after it), and the giving up: a
+:class:`StreamGaveUp` raised anywhere in a worker's pass becomes one
+:func:`pretrain.engine.read_failures.stream_error` item, which :class:`TrainLoader` raises as the
+engine's ``TrainingAborted`` (one line, exit 1). A stream supplies the rest: which items a
+worker takes from its saved position (:meth:`ResumableStream.worker_pass`: an epoch
+permutation dealt to ranks x workers, shard draws, aspect groups), how one is loaded and
+augmented (:meth:`ResumableStream.load_item`) and how a micro-batch is collated. The file
+streams (one file per item) build on :class:`FileStream`, which deals their items to ranks x
+workers and gives up after a streak of failed reads (:class:`FilePass`).
+
+:class:`TrainLoader` keeps the batches' positions in the rank's :class:`StreamState`, which the
+checkpoint saves. The DataLoader hands out batches round-robin over workers; resuming rotates
+the workers' roles (:meth:`ResumableStream.logical_worker`) so that the next batch comes from
+the same logical worker as in an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools.workers import die_with_parent
 from pretrain.engine.errors import TrainingAborted
+from pretrain.engine.random_draws import seeded_rngs
 from pretrain.engine.read_failures import STREAM_ERROR as _STREAM_ERROR
+from pretrain.engine.read_failures import FailureStreak, stream_error
+from pretrain.engine.skipped import SkipLog
 
 
 @dataclass
@@ -60,11 +75,159 @@ class StreamState:
         return cls(workers=[WorkerPosition() for _ in range(max(1, num_workers))])
 
 
-def item_seed(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63)
-    return seed
+@dataclass
+class Item:
+    """One item a worker takes from its stream."""
+
+    source: Any  # what the stream's load_item reads: an image index, an image id, a raw sample
+    seed: int  # what its augmentation's randomness is seeded from
+    consumed: int  # the worker's position once it has taken this item
+    # The batch ends with this item however many of its items loaded (detection's aspect
+    # groups); otherwise a batch ends once ``batch_size`` items have loaded.
+    ends_batch: bool = False
+
+
+class StreamGaveUp(Exception):
+    """The stream can no longer yield a batch; the message is the run's one last line."""
+
+
+class WorkerPass:
+    """One logical worker's pass over its stream from its saved position: the items it takes,
+    in order, and the counts its batches' positions carry. Failed items are counted; this
+    base never gives up (a stream with a rule extends :meth:`failed` or :meth:`loaded`)."""
+
+    def __init__(self, items: Iterable[Item], start: WorkerPosition) -> None:
+        self.items = items
+        self.bad_samples = start.bad_samples
+
+    def loaded(self, item: Item) -> None:
+        """``item`` loaded (a sign of life for a give-up rule)."""
+
+    def failed(self, item: Item, error: Exception) -> None:
+        """``item`` could not be loaded: it is skipped and counted; raises
+        :class:`StreamGaveUp` when the stream should end."""
+        self.bad_samples += 1
+
+    def position(self, consumed: int) -> WorkerPosition:
+        """The worker's position after a batch whose last item left it at ``consumed``."""
+        return WorkerPosition(consumed=consumed, bad_samples=self.bad_samples)
+
+
+class FilePass(WorkerPass):
+    """The pass of a stream that reads one file per item (ImageFolder, ADE-layout folders,
+    COCO): it gives up after ``streak``'s failed reads in a row
+    (:class:`pretrain.engine.read_failures.FailureStreak`), which lists each failure, by
+    ``path_of(item.source)``, in the run's skip list."""
+
+    def __init__(self, items: Iterable[Item], start: WorkerPosition, streak: FailureStreak,
+                 path_of: Callable[[Any], Any]) -> None:
+        super().__init__(items, start)
+        self.streak, self.path_of = streak, path_of
+
+    def loaded(self, item: Item) -> None:
+        self.streak.succeeded()
+
+    def failed(self, item: Item, error: Exception) -> None:
+        super().failed(item, error)
+        message = self.streak.failed(self.path_of(item.source), error)
+        if message is not None:
+            raise StreamGaveUp(message)
+
+
+class ResumableStream(IterableDataset):
+    """Endless, exactly resumable micro-batches for one rank (module docstring).
+
+    A stream supplies :meth:`worker_pass` and :meth:`load_item`; ``collate(list of what
+    load_item returned)`` turns a micro-batch into its dict.
+    """
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], batch_size: int,
+                 seed: int, rank: int, num_workers: int, state: StreamState) -> None:
+        super().__init__()
+        if len(state.workers) != max(1, num_workers):
+            raise ValueError("stream state was saved with a different number of data workers")
+        self.collate = collate
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.num_workers = max(1, num_workers)
+        self.state = state
+
+    def worker_pass(self, worker: int, start: WorkerPosition) -> WorkerPass:
+        """The items logical worker ``worker`` takes from ``start`` on, each with its seed and
+        the position after it, with the stream's counts and give-up rule; resuming must cost
+        no decoding."""
+        raise NotImplementedError
+
+    def load_item(self, item: Item) -> Any:
+        """Read and augment one item, raising on bad data (skipped and counted); runs with
+        torch's CPU generator and Python's ``random`` seeded from ``item.seed``."""
+        raise NotImplementedError
+
+    def logical_worker(self) -> int:
+        """The logical worker this DataLoader worker plays. TrainLoader hands out batches
+        round-robin from physical worker 0; after a resume at micro-batch m the next batch is
+        logical worker m's."""
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        return (physical + self.state.micro_batches) % self.num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches; once the stream gives up, one :func:`stream_error` item instead, then the
+        end (a worker's exception would reach the main process as a traceback; this reaches
+        it as a message :class:`TrainLoader` raises)."""
+        worker = self.logical_worker()
+        try:
+            yield from self._batches(worker)
+        except StreamGaveUp as error:
+            yield stream_error(str(error))
+
+    def _batches(self, worker: int) -> Iterator[dict[str, Any]]:
+        reads = self.worker_pass(worker, self.state.workers[worker])
+        loaded: list[Any] = []
+        for item in reads.items:
+            try:
+                with seeded_rngs(item.seed):
+                    loaded.append(self.load_item(item))
+            except Exception as error:  # any unreadable item is skipped and counted, never fatal
+                reads.failed(item, error)
+            else:
+                reads.loaded(item)
+            if len(loaded) == self.batch_size or item.ends_batch:
+                if loaded:  # an aspect group whose every image failed yields no batch
+                    position = reads.position(item.consumed)
+                    yield {**self.collate(loaded), "worker": worker, "position": asdict(position)}
+                loaded = []
+
+
+class FileStream(ResumableStream):
+    """A stream that reads one file per item, over an endless sequence of items (epoch after
+    epoch) dealt like cards to ranks and workers: item ``g`` to slot ``g mod (ranks x
+    workers)``, so within an epoch no file is read twice across them. It gives up after a
+    :class:`pretrain.engine.read_failures.FailureStreak` of failed reads (``files``: the
+    split's size; ``source``: the config field and folder the message names). A stream
+    supplies :meth:`items`, :meth:`item_path` and :meth:`load_item`."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], batch_size: int,
+                 seed: int, rank: int, world_size: int, num_workers: int, state: StreamState,
+                 files: int, source: str, skips: SkipLog | None) -> None:
+        super().__init__(collate, batch_size, seed, rank, num_workers, state)
+        self.world_size, self.files = world_size, files
+        self.source, self.skips = source, skips
+
+    def dealt(self, worker: int, taken: int) -> int:
+        """The index in the endless sequence of a worker's ``taken``-th item."""
+        return taken * self.world_size * self.num_workers + self.rank * self.num_workers + worker
+
+    def worker_pass(self, worker: int, start: WorkerPosition) -> FilePass:
+        streak = FailureStreak("train", self.source, self.files, self.skips)
+        return FilePass(self.items(worker, start.consumed), start, streak, self.item_path)
+
+    def items(self, worker: int, consumed: int) -> Iterator[Item]:
+        """A worker's items from its ``consumed``-th on (see :meth:`dealt`)."""
+        raise NotImplementedError
+
+    def item_path(self, source: Any) -> Any:
+        """The file an item's source names, for the skip list and the give-up line."""
+        raise NotImplementedError
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
