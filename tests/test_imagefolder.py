@@ -49,12 +49,12 @@ def test_every_image_once_per_epoch_across_ranks_and_workers(folder: Path) -> No
     for rank in range(2):
         stream = ImageFolderStream(index, _to_tensor, collate_labelled, 2, seed=1, rank=rank,
                                    world_size=2, num_workers=2, state=StreamState.fresh(2))
-        seen += [stream.item(worker, n) for worker in range(2) for n in range(5)]
+        seen += [stream.image_at(stream.dealt(worker, n)) for worker in range(2) for n in range(5)]
     assert sorted(seen) == list(range(20))  # 2 ranks x 2 workers x 5 items = one epoch
     # the next epoch is another permutation
     stream = ImageFolderStream(index, _to_tensor, collate_labelled, 2, seed=1, rank=0,
                                world_size=1, num_workers=1, state=StreamState.fresh(1))
-    assert [stream.item(0, n) for n in range(20)] != [stream.item(0, n) for n in range(20, 40)]
+    assert [stream.image_at(stream.dealt(0, n)) for n in range(20)] != [stream.image_at(stream.dealt(0, n)) for n in range(20, 40)]
 
 
 def _batches(index, state: StreamState, count: int, workers: int) -> list[dict]:  # noqa: ANN001

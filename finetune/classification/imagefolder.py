@@ -16,7 +16,6 @@ as :mod:`pretrain.engine.eval_slices` slices shards.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,9 +51,9 @@ class ImageFolderStream(FileStream):
         self.index, self.transform = index, transform
         self._epoch: tuple[int, np.ndarray] | None = None
 
-    def item(self, worker: int, consumed: int) -> int:
-        """The image index a worker's ``consumed``-th item is (see the module docstring)."""
-        epoch, offset = divmod(self.dealt(worker, consumed), len(self.index))
+    def image_at(self, index: int) -> int:
+        """The image item ``index`` of the endless sequence is (see the module docstring)."""
+        epoch, offset = divmod(index, len(self.index))
         if self._epoch is None or self._epoch[0] != epoch:
             generator = np.random.default_rng([self.seed, epoch])
             self._epoch = (epoch, generator.permutation(len(self.index)))
@@ -62,8 +61,8 @@ class ImageFolderStream(FileStream):
 
     def items(self, worker: int, consumed: int) -> Iterator[Item]:
         """Each image seeded by its place in the worker's stream."""
-        for taken in itertools.count(consumed):
-            yield Item(self.item(worker, taken),
+        for taken, index in self.lane(worker, consumed):
+            yield Item(self.image_at(index),
                        seed=item_seed(self.seed, self.rank, worker, taken), consumed=taken + 1)
 
     def item_path(self, source: int) -> Path:

@@ -25,7 +25,6 @@ original size; COCOeval gets the detections in those pixels.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -203,8 +202,7 @@ class CocoTrainStream(FolderStream):
         """A worker's items grouped by aspect: a group's items come once it is full, the last
         one ending the batch (of those that load); every item's position is the group's."""
         groups: tuple[list[int], list[int]] = ([], [])
-        for taken in itertools.count():
-            index = self.dealt(worker, taken)
+        for taken, index in self.lane(worker):
             group = groups[self._group(index)]
             group.append(index)
             if len(group) < self.batch_size:

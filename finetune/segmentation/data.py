@@ -18,7 +18,6 @@ Validation (:class:`FolderSplit`): image ``i`` (in name order) belongs to slot
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -253,8 +252,7 @@ class FolderStream(FileStream):
 
     def items(self, worker: int, consumed: int) -> Iterator[Item]:
         """A worker's items from its ``consumed``-th on, each seeded by its stream index."""
-        for taken in itertools.count(consumed):
-            index = self.dealt(worker, taken)
+        for taken, index in self.lane(worker, consumed):
             yield Item(self.sample_at(index), seed=item_seed(self.seed, index),
                        consumed=taken + 1)
 

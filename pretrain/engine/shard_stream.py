@@ -34,6 +34,7 @@ Design points:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -41,13 +42,13 @@ from typing import Any, NamedTuple
 
 import braceexpand
 import torch
-import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_tools.mixture import ShardSet, draw_shards, drawable_shards
 from data_tools.remote import RemotePolicy, ShardUnavailable, describe_error, open_shard
 from pretrain.engine.random_draws import item_seed
 from pretrain.engine.read_failures import GIVE_UP_AFTER_FAILURES
+from pretrain.engine.shuffle import ShuffleBuffer, shuffled
 from pretrain.engine.skipped import SkipLog
 from pretrain.engine.stream import (
     Item,
@@ -228,6 +229,10 @@ class ShardStream(ResumableStream):
         self.shuffle_initial = min(shuffle_initial, shuffle_buffer)
         self.remote = remote or RemotePolicy()
         self.skip_log = skip_log or SkipLog(None)
+        for position in self.state.workers:
+            if position.consumed and position.resume is None:
+                raise ValueError("the checkpoint's data position was saved by an older version "
+                                 "of the shard stream (no resume point); start the run anew")
 
     def worker_pass(self, worker: int, start: WorkerPosition) -> WorkerPass:
         return _ShardPass(self, worker, start)
@@ -235,64 +240,161 @@ class ShardStream(ResumableStream):
     def load_item(self, item: Item) -> tuple:
         return self.decode(item.source.sample)
 
-    def shuffled_samples(self, worker: int, errors: _ShardErrors,
-                         watch: _SetWatch) -> Iterator[dict]:
-        """A logical worker's endless stream of raw samples: its shard draws, read through
-        ``errors`` and tagged by ``watch``, then shuffled; the same on every pass."""
-        shard_rng = random.Random(f"shards-{self.seed}-{self.rank}-{worker}")
-        urls = _watched_draws(self.shard_sets, shard_rng, watch)
-        files = tar_file_expander(self._opened(urls, errors), handler=errors)
-        samples = (watch.tag(sample) for sample in group_by_keys(files, handler=errors))
-        shuffle_rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{worker}")
-        return wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=shuffle_rng)(samples)
+    def identity(self, worker: int, start: WorkerPosition) -> tuple[int, int]:
+        """What a logical worker's stream is seeded from: (rank, worker) of the run that began
+        it (kept when a resume on another layout continues it elsewhere)."""
+        return tuple(start.stream) if start.stream is not None else (self.rank, worker)
 
-    def _opened(self, draws: Iterator[dict[str, str]],
-                errors: _ShardErrors) -> Iterator[dict[str, Any]]:
-        """The drawn shards, opened within :attr:`remote`'s bounds; each closed once it has
-        been read (the expander reads a shard to its end before asking for the next)."""
-        for draw, source in enumerate(draws):
-            url = source["url"]
-            if draw >= errors.dead.get(url, draw + 1):
+    def carry_over(self, saved: list[StreamState]) -> StreamState:
+        """This rank's positions on a new layout (ranks x workers): slot ``j`` continues the
+        old layout's slot ``j`` (its draws, shuffle buffer and seeds, exactly); a slot the old
+        layout lacked begins a new stream, seeded apart from every earlier one by the number
+        of micro-batches at the change; an old slot beyond the new layout ends there (the
+        samples waiting in its shuffle buffer are not read: with shards drawn with
+        replacement that changes no guarantee, and nothing is ever read twice)."""
+        old = [position for state in saved for position in state.workers]
+        generation = saved[0].micro_batches
+        first = self.rank * self.num_workers
+        workers = []
+        for slot in range(first, first + self.num_workers):
+            if slot < len(old):
+                origin, worker = divmod(slot, len(saved[0].workers))
+                position = old[slot]
+                position.stream = list(self.identity(worker, position)) \
+                    if position.stream is not None else [origin, worker]
+                workers.append(position)
+            else:
+                workers.append(WorkerPosition(stream=[-1 - generation, slot]))
+        return StreamState(micro_batches=0, workers=workers)
+
+
+_REF_KEY = "__ref__"  # (draw, member) of a raw sample: where a resumed stream finds it again
+
+
+class _Reader:
+    """A logical worker's shard draws, read one shard after another, knowing where it is: the
+    draws made, the generator's state and the members read of the current shard. Every raw
+    sample is tagged with its set and its (draw, member) reference."""
+
+    def __init__(self, stream: ShardStream, identity: tuple[int, int], errors: _ShardErrors,
+                 watch: _SetWatch, saved: dict[str, Any] | None) -> None:
+        self.stream, self.errors, self.watch = stream, errors, watch
+        self.rng = random.Random(f"shards-{stream.seed}-{identity[0]}-{identity[1]}")
+        self.draws = 0
+        self.current: list[Any] | None = None  # [draw, url, set index, members read]
+        if saved is not None:
+            self.rng.setstate(_rng_state(saved["draw_rng"]))
+            self.draws, self.current = int(saved["draws"]), saved["current"]
+        self._draws = draw_shards(stream.shard_sets, self.rng)
+
+    def snapshot(self) -> dict[str, Any]:
+        current = list(self.current) if self.current is not None else None
+        return {"draws": self.draws, "draw_rng": self.rng.getstate(), "current": current}
+
+    def members(self, draw: int, url: str, set_index: int) -> Iterator[tuple[int, dict]]:
+        """One shard's samples with their member indices, read within the remote bounds."""
+        self.errors.opening()
+        try:
+            raw = open_shard(url, self.stream.remote)
+        except ShardUnavailable as error:
+            self.errors.shard_failed(url, error.reason, draw)
+            return
+        source = _ReportingStream(raw, url, draw, self.errors)
+        try:
+            files = tar_file_expander(iter([{"url": url, "stream": source}]),
+                                      handler=self.errors)
+            for member, sample in enumerate(group_by_keys(files, handler=self.errors)):
+                sample[_SET_KEY], sample[_REF_KEY] = set_index, (draw, member)
+                yield member, sample
+        finally:
+            source.close()
+
+    def samples(self, continuation: Iterator[tuple[int, dict]] | None) -> Iterator[dict]:
+        """The samples from where the reader is: the rest of the current shard
+        (``continuation``, positioned after its members read), then new draws."""
+        if continuation is not None:
+            self.watch.drew(self.current[2], self.current[1])
+            yield from self._counted(continuation)
+        while True:
+            set_index, url = next(self._draws)
+            draw, self.draws = self.draws, self.draws + 1
+            self.watch.drew(set_index, url)
+            self.current = None
+            if draw >= self.errors.dead.get(url, draw + 1):
                 continue  # given up on at an earlier draw: reported then, not waited for again
-            errors.opening()
-            try:
-                raw = open_shard(url, self.remote)
-            except ShardUnavailable as error:
-                errors.shard_failed(url, error.reason, draw)
-                continue
-            stream = _ReportingStream(raw, url, draw, errors)
-            try:
-                yield {"url": url, "stream": stream}
-            finally:
-                stream.close()
+            self.current = [draw, url, set_index, 0]
+            yield from self._counted(self.members(draw, url, set_index))
+
+    def _counted(self, members: Iterator[tuple[int, dict]]) -> Iterator[dict]:
+        for member, sample in members:
+            self.current[3] = member + 1
+            yield self.watch.tag(sample)
 
 
 class _ShardPass(WorkerPass):
-    """A worker's pass over its shard stream: it replays its stream up to the saved position
-    without decoding, counts unreadable shards and tar members, remembers the shards given up
-    on, and gives up on a shard set per :class:`_SetWatch`."""
+    """A worker's pass over its shard stream from its saved resume point: the draws and the
+    shuffle buffer as they were (the buffered samples re-read from their shards, the only
+    reading a resume does), unreadable shards counted and remembered, and the give-up rule of
+    :class:`_SetWatch`."""
 
     def __init__(self, stream: ShardStream, worker: int, start: WorkerPosition) -> None:
-        self.start = start
+        self.start, self.stream = start, stream
+        self.identity = stream.identity(worker, start)
         self.dead = dict(start.dead_shards)
         self.errors = _ShardErrors(stream.skip_log, stream.rank, self.dead)
         self.watch = _SetWatch(stream.shard_sets)
-        # Shard errors met while replaying were counted in the saved state, up to the sample
-        # the saved position ends at (the same point of the same stream).
-        self.bad_shards_before_resume = 0
-        super().__init__(self._items(stream, worker), start)
+        saved = start.resume
+        self.reader = _Reader(stream, self.identity, self.errors, self.watch,
+                              saved["reader"] if saved else None)
+        shuffle_rng = random.Random(
+            f"shuffle-{stream.seed}-{self.identity[0]}-{self.identity[1]}")
+        if saved:
+            shuffle_rng.setstate(_rng_state(saved["shuffle_rng"]))
+        self.buffer = ShuffleBuffer(stream.shuffle_buffer, stream.shuffle_initial, shuffle_rng)
+        super().__init__(self._items(saved), start)
 
-    def _items(self, stream: ShardStream, worker: int) -> Iterator[Item]:
-        samples = stream.shuffled_samples(worker, self.errors, self.watch)
-        for index, sample in enumerate(samples):
+    def _items(self, saved: dict[str, Any] | None) -> Iterator[Item]:
+        continuation = self._restore(saved) if saved else None
+        samples = shuffled(self.reader.samples(continuation), self.buffer)
+        for index, sample in enumerate(samples, start=self.start.consumed):
             set_index = sample.pop(_SET_KEY)
-            if index < self.start.consumed:
-                self.watch.alive(set_index)  # it was in the stream before the resume point
-                self.bad_shards_before_resume = self.errors.count
-                continue  # replaying up to the resume point: no decoding
-            yield Item(_Drawn(set_index, sample),
-                       seed=item_seed(stream.seed, stream.rank, worker, index),
-                       consumed=index + 1)
+            sample.pop(_REF_KEY)
+            yield Item(_Drawn(set_index, sample), consumed=index + 1,
+                       seed=item_seed(self.stream.seed, *self.identity, index))
+
+    def _restore(self, saved: dict[str, Any]) -> Iterator[tuple[int, dict]] | None:
+        """Refill the shuffle buffer from its saved references, reading only the shards they
+        name (and the current shard up to its members read); returns the current shard's
+        remaining members."""
+        shards = {int(draw): (url, int(set_index))
+                  for draw, (url, set_index) in saved["shards"].items()}
+        wanted: dict[int, set[int]] = {}
+        for draw, member in saved["buffer"]:
+            wanted.setdefault(int(draw), set()).add(int(member))
+        found: dict[tuple[int, int], dict] = {}
+        current = self.reader.current
+        for draw in sorted(wanted):
+            if current is not None and draw == current[0]:
+                continue
+            members, last = wanted[draw], max(wanted[draw])
+            with contextlib.closing(self.reader.members(draw, *shards[draw])) as shard:
+                for member, sample in shard:
+                    if member in members:
+                        found[draw, member] = sample
+                    if member >= last:
+                        break
+        continuation = None
+        if current is not None:
+            draw, url, set_index, read = current
+            continuation = self.reader.members(draw, url, set_index)
+            members = wanted.get(draw, set())
+            for member, sample in itertools.islice(continuation, read):
+                if member in members:
+                    found[draw, member] = sample
+        refs = [(int(draw), int(member)) for draw, member in saved["buffer"]]
+        self.buffer.items = [found[ref] for ref in refs if ref in found]
+        self.bad_samples += len(refs) - len(self.buffer.items)  # their shards failed since
+        return continuation
 
     def loaded(self, item: Item) -> None:
         self.watch.alive(item.source.set_index)
@@ -302,14 +404,20 @@ class _ShardPass(WorkerPass):
         self.watch.failed_to_decode(item.source.set_index)
 
     def position(self, consumed: int) -> WorkerPosition:
-        bad_shards = self.start.bad_shards + self.errors.count - self.bad_shards_before_resume
+        # the shards the buffered samples came from, by draw: all a resume re-reads
+        shards = {sample[_REF_KEY][0]: [sample["__url__"], sample[_SET_KEY]]
+                  for sample in self.buffer.items}
+        resume = {"reader": self.reader.snapshot(), "shuffle_rng": self.buffer.rng.getstate(),
+                  "buffer": [list(sample[_REF_KEY]) for sample in self.buffer.items],
+                  "shards": dict(sorted(shards.items()))}
         return WorkerPosition(consumed=consumed, bad_samples=self.bad_samples,
-                              bad_shards=bad_shards, dead_shards=dict(self.dead))
+                              bad_shards=self.start.bad_shards + self.errors.count,
+                              dead_shards=dict(self.dead), stream=list(self.identity),
+                              resume=resume)
 
 
-def _watched_draws(shard_sets: list[ShardSet], rng: random.Random,
-                   watch: _SetWatch) -> Iterator[dict[str, str]]:
-    for set_index, url in draw_shards(shard_sets, rng):
-        watch.drew(set_index, url)
-        yield {"url": url}
-
+def _rng_state(saved: Any) -> tuple:
+    """A ``random.Random`` state as ``getstate`` gave it, from its saved form (its tuples may
+    have come back as lists)."""
+    version, internal, gauss = saved
+    return int(version), tuple(int(v) for v in internal), gauss

@@ -23,6 +23,7 @@ the same logical worker as in an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools.workers import die_with_parent
+from pretrain.engine.deal import Deal, redeal
 from pretrain.engine.errors import TrainingAborted
 from pretrain.engine.random_draws import seeded_rngs
 from pretrain.engine.read_failures import STREAM_ERROR as _STREAM_ERROR
@@ -49,6 +51,11 @@ class WorkerPosition:
     bad_shards: int = 0
     # Shards given up on (URL -> index of the draw that gave up): never opened again.
     dead_shards: dict[str, int] = field(default_factory=dict)
+    # The shard stream's: what the worker's stream is seeded from ([rank, worker] of the run
+    # that began it; None: this rank and worker), and where it resumes without replaying
+    # (pretrain.engine.shard_stream).
+    stream: list[int] | None = None
+    resume: dict[str, Any] | None = None
 
 
 @dataclass
@@ -57,18 +64,31 @@ class StreamState:
 
     micro_batches: int = 0
     workers: list[WorkerPosition] = field(default_factory=lambda: [WorkerPosition()])
+    # An epoch-based stream's deal over ranks x workers (pretrain.engine.deal.Deal).
+    deal: dict[str, Any] | None = None
+    # Not saved: every old rank's saved state, when this run's layout (ranks x workers)
+    # differs from theirs; the stream continues them on the new layout (carry_over).
+    carried: list[StreamState] | None = None
 
     @property
     def skipped(self) -> int:
         return sum(w.bad_samples + w.bad_shards for w in self.workers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"micro_batches": self.micro_batches, "workers": [asdict(w) for w in self.workers]}
+        return {"micro_batches": self.micro_batches, "workers": [asdict(w) for w in self.workers],
+                "deal": self.deal}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamState:
         workers = [WorkerPosition(**w) for w in data["workers"]]
-        return cls(micro_batches=int(data["micro_batches"]), workers=workers)
+        return cls(micro_batches=int(data["micro_batches"]), workers=workers,
+                   deal=data.get("deal"))
+
+    @classmethod
+    def on_new_layout(cls, saved: list[dict[str, Any]]) -> StreamState:
+        """The state a rank starts from when the run resumes on another layout: the stream
+        re-deals ``saved`` (every old rank's state, by rank) to it."""
+        return cls(workers=[], carried=[cls.from_dict(state) for state in saved])
 
     @classmethod
     def fresh(cls, num_workers: int) -> StreamState:
@@ -144,12 +164,26 @@ class ResumableStream(IterableDataset):
     def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], batch_size: int,
                  seed: int, rank: int, num_workers: int, state: StreamState) -> None:
         super().__init__()
-        if len(state.workers) != max(1, num_workers):
-            raise ValueError("stream state was saved with a different number of data workers")
         self.collate = collate
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.num_workers = max(1, num_workers)
         self.state = state
+        self._resolve_layout()
+
+    def _resolve_layout(self) -> None:
+        """A state carried from another layout is re-dealt to this one (:meth:`carry_over`),
+        in place (the loader keeps the object)."""
+        carried = self.state.carried
+        if carried is not None:
+            dealt = self.carry_over(carried)
+            self.state.micro_batches, self.state.workers = dealt.micro_batches, dealt.workers
+            self.state.deal, self.state.carried = dealt.deal, None
+        if len(self.state.workers) != self.num_workers:
+            raise ValueError("stream state was saved with a different number of data workers")
+
+    def carry_over(self, saved: list[StreamState]) -> StreamState:
+        """This rank's state on this layout, continuing ``saved`` (every old rank's)."""
+        raise ValueError(f"{type(self).__name__} cannot continue on another layout")
 
     def worker_pass(self, worker: int, start: WorkerPosition) -> WorkerPass:
         """The items logical worker ``worker`` takes from ``start`` on, each with its seed and
@@ -209,13 +243,43 @@ class FileStream(ResumableStream):
     def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], batch_size: int,
                  seed: int, rank: int, world_size: int, num_workers: int, state: StreamState,
                  files: int, source: str, skips: SkipLog | None) -> None:
+        self.world_size, self.files = world_size, files  # carry_over needs the layout
         super().__init__(collate, batch_size, seed, rank, num_workers, state)
-        self.world_size, self.files = world_size, files
         self.source, self.skips = source, skips
+        slots = world_size * self.num_workers
+        self.deal = Deal.from_dict(state.deal) if state.deal is not None else Deal(slots)
+        if self.deal.slots != slots:
+            raise ValueError(f"stream state was dealt over {self.deal.slots} slots, not "
+                             f"{world_size} ranks x {self.num_workers} workers")
+        state.deal = self.deal.to_dict()
 
     def dealt(self, worker: int, taken: int) -> int:
-        """The index in the endless sequence of a worker's ``taken``-th item."""
-        return taken * self.world_size * self.num_workers + self.rank * self.num_workers + worker
+        """The index in the endless sequence of a worker's ``taken``-th item (its lane's
+        position; :mod:`pretrain.engine.deal`)."""
+        return self.deal.position(self.rank * self.num_workers + worker, taken)
+
+    def lane(self, worker: int, start: int = 0) -> Iterator[tuple[int, int]]:
+        """``(taken, index)`` of a worker's items from its ``start``-th step on, stepping over
+        the positions a run on an earlier layout already read."""
+        for taken in itertools.count(start):
+            index = self.dealt(worker, taken)
+            if not self.deal.taken_earlier(index):
+                yield taken, index
+
+    def carry_over(self, saved: list[StreamState]) -> StreamState:
+        """The epoch continues on the new layout: :func:`pretrain.engine.deal.redeal` starts a
+        deal over this layout's slots where the old slots left off, so every item of the
+        epoch is still read once. Skip counts stay with the slot of the same number (folded
+        onto the new slots when there are fewer)."""
+        old = [position for state in saved for position in state.workers]
+        deal = Deal.from_dict(saved[0].deal) if saved[0].deal is not None else Deal(len(old))
+        slots = self.world_size * self.num_workers
+        deal = redeal(deal, [position.consumed for position in old], slots)
+        workers = [WorkerPosition() for _ in range(self.num_workers)]
+        for slot, position in enumerate(old):
+            if slot % slots // self.num_workers == self.rank:
+                workers[slot % slots % self.num_workers].bad_samples += position.bad_samples
+        return StreamState(micro_batches=0, workers=workers, deal=deal.to_dict())
 
     def worker_pass(self, worker: int, start: WorkerPosition) -> FilePass:
         streak = FailureStreak("train", self.source, self.files, self.skips)
