@@ -19,10 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from data_tools.synthetic import write_synthetic_shards, zero_shot_prompts
-from pretrain.engine.launcher import deepspeed_command
-from pretrain.engine.report import format_table, plot_training
-from pretrain.engine.threads import apply_thread_policy
+# Python puts this script's folder first on sys.path, where launch/pretrain.py and
+# launch/finetune.py would shadow the packages of the same names: take the folder off.
+if sys.path and Path(sys.path[0]) == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+from data_tools.synthetic import write_synthetic_shards, zero_shot_prompts  # noqa: E402
+from pretrain.engine.launcher import deepspeed_command  # noqa: E402
+from pretrain.engine.report import format_table, plot_training  # noqa: E402
+from pretrain.engine.threads import apply_thread_policy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
