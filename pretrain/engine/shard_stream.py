@@ -34,18 +34,27 @@ Design points:
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import random
+import re
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import braceexpand
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from data_tools.mixture import ShardSet, draw_shards, drawable_shards
-from data_tools.remote import RemotePolicy, ShardUnavailable, describe_error, open_shard
+from data_tools.remote import (
+    RemotePolicy,
+    ShardUnavailable,
+    describe_error,
+    is_local,
+    open_shard,
+)
 from pretrain.engine.random_draws import item_seed
 from pretrain.engine.read_failures import GIVE_UP_AFTER_FAILURES
 from pretrain.engine.shuffle import ShuffleBuffer, shuffled
@@ -268,7 +277,42 @@ class ShardStream(ResumableStream):
         return StreamState(micro_batches=0, workers=workers)
 
 
-_REF_KEY = "__ref__"  # (draw, member) of a raw sample: where a resumed stream finds it again
+_REF_KEY = "__ref__"  # [draw, member, first byte, end byte]: where a resume finds a sample again
+_SPAN = "__span__"  # the bytes of a shard a sample's tar members occupy
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata files, skipped as it skips them
+
+
+def tar_samples(stream: Any, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The samples of one tar stream as webdataset's ``tar_file_expander`` + ``group_by_keys``
+    make them (the same files skipped, the same keys, ``__key__`` and ``__url__``), each with
+    the byte span its members occupy (``__span__``). A read error ends the shard through
+    ``handler``, as webdataset's does."""
+    current: dict[str, Any] | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for info in archive:
+                name = info.name
+                if not info.isreg() or name is None or re.match(_META, name):
+                    continue
+                prefix, suffix = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                data = archive.extractfile(info).read()
+                archive.members = []  # streaming: keep no index of what was read
+                if current is None or prefix != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": prefix, "__url__": url, _SPAN: [info.offset, end]}
+                suffix = suffix.lower()
+                if suffix in current:
+                    handler(ValueError(f"{name}: duplicate file name in tar file {url}"))
+                    continue
+                current[suffix], current[_SPAN][1] = data, end
+    except Exception as error:  # a truncated or corrupt tar: counted, the shard ends here
+        handler(error)
+    if current is not None:
+        yield current
 
 
 class _Reader:
@@ -301,13 +345,22 @@ class _Reader:
             return
         source = _ReportingStream(raw, url, draw, self.errors)
         try:
-            files = tar_file_expander(iter([{"url": url, "stream": source}]),
-                                      handler=self.errors)
-            for member, sample in enumerate(group_by_keys(files, handler=self.errors)):
-                sample[_SET_KEY], sample[_REF_KEY] = set_index, (draw, member)
+            for member, sample in enumerate(tar_samples(source, url, self.errors)):
+                sample[_SET_KEY], sample[_REF_KEY] = set_index, [draw, member, *sample.pop(_SPAN)]
                 yield member, sample
         finally:
             source.close()
+
+    def member_at(self, url: str, span: list[int]) -> dict | None:
+        """The sample whose tar members lie at ``span`` (bytes) of a local shard, read alone;
+        None when it cannot be read any more."""
+        try:
+            with open(url, "rb") as shard:
+                shard.seek(span[0])
+                data = shard.read(span[1] - span[0])
+            return next(tar_samples(io.BytesIO(data), url, self.errors), None)
+        except OSError:
+            return None
 
     def samples(self, continuation: Iterator[tuple[int, dict]] | None) -> Iterator[dict]:
         """The samples from where the reader is: the rest of the current shard
@@ -363,20 +416,32 @@ class _ShardPass(WorkerPass):
                        seed=item_seed(self.stream.seed, *self.identity, index))
 
     def _restore(self, saved: dict[str, Any]) -> Iterator[tuple[int, dict]] | None:
-        """Refill the shuffle buffer from its saved references, reading only the shards they
-        name (and the current shard up to its members read); returns the current shard's
-        remaining members."""
+        """Refill the shuffle buffer from its saved references: a sample of a local shard is
+        read alone at its byte span; a remote shard is read up to its last sample wanted;
+        the current shard up to its members read. Returns the current shard's remaining
+        members."""
         shards = {int(draw): (url, int(set_index))
                   for draw, (url, set_index) in saved["shards"].items()}
-        wanted: dict[int, set[int]] = {}
-        for draw, member in saved["buffer"]:
-            wanted.setdefault(int(draw), set()).add(int(member))
-        found: dict[tuple[int, int], dict] = {}
+        refs = [(int(ref[0]), int(ref[1]), [int(ref[2]), int(ref[3])]) for ref in saved["buffer"]]
         current = self.reader.current
-        for draw in sorted(wanted):
+        found: dict[tuple[int, int], dict] = {}
+        wanted: dict[int, set[int]] = {}
+        for draw, member, span in refs:
+            url, set_index = shards[draw]
+            if current is not None and draw == current[0]:
+                wanted.setdefault(draw, set()).add(member)
+            elif is_local(url):
+                sample = self.reader.member_at(url, span)
+                if sample is not None:
+                    sample[_SET_KEY], sample[_REF_KEY] = set_index, [draw, member, *span]
+                    sample.pop(_SPAN)
+                    found[draw, member] = sample
+            else:
+                wanted.setdefault(draw, set()).add(member)
+        for draw, members in sorted(wanted.items()):
             if current is not None and draw == current[0]:
                 continue
-            members, last = wanted[draw], max(wanted[draw])
+            last = max(members)
             with contextlib.closing(self.reader.members(draw, *shards[draw])) as shard:
                 for member, sample in shard:
                     if member in members:
@@ -391,8 +456,8 @@ class _ShardPass(WorkerPass):
             for member, sample in itertools.islice(continuation, read):
                 if member in members:
                     found[draw, member] = sample
-        refs = [(int(draw), int(member)) for draw, member in saved["buffer"]]
-        self.buffer.items = [found[ref] for ref in refs if ref in found]
+        self.buffer.items = [found[draw, member] for draw, member, _ in refs
+                             if (draw, member) in found]
         self.bad_samples += len(refs) - len(self.buffer.items)  # their shards failed since
         return continuation
 
