@@ -94,6 +94,19 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: Any,
     if args.eval_only is not None:
         return _evaluate_only(task, cfg, args.eval_only, run_dir, kind)
 
+    from pretrain.engine.resharding import ResumeRefused, prepare_resume
+
+    try:  # the checkpoint's batch split and world size, before any process group
+        cfg, notes = prepare_resume(cfg, run_dir, args.overrides, _launch_world_size(),
+                                    _launch_rank())
+    except ResumeRefused as error:
+        if _launch_rank() == 0:
+            print(f"resume refused: {error}", file=sys.stderr)
+        return 2
+    if _launch_rank() == 0:
+        for line in notes:
+            print(line, flush=True)
+
     from pretrain.engine.trainer import Trainer  # DeepSpeed's import: only when training
 
     try:
@@ -105,6 +118,11 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: Any,
     if _launch_rank() == 0:
         print(f"{kind} {outcome} in {run_dir}")
     return 0
+
+
+def _launch_world_size() -> int:
+    """The number of ranks the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _launch_rank() -> int:

@@ -1,0 +1,125 @@
+"""A run resumes on a different number of ranks (a node lost, or more granted): at every ZeRO
+stage the weights, fp32 master weights, Adam moments, step, schedule position, samples seen and
+best-checkpoint record right after the resume are the checkpoint's, bit for bit; the original
+checkpoint is untouched; a refused resume changes nothing in the run directory.
+
+Runs real DeepSpeed jobs (gloo on CPU) with a tiny model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.engine.checkpoint import fp32_state_dict
+from pretrain.engine.launcher import deepspeed_command
+from tests.conftest import ROOT, TINY_MODEL, run_deepspeed
+
+
+def _args(run_dir: Path, shards: str, *extra: str) -> list[str]:
+    return ["--config", "demo", "--run-dir", str(run_dir), *TINY_MODEL,
+            "--set", f"data.train={shards}", "--set", "data.batch_size=6",
+            "--set", "data.shuffle_buffer=32", "--set", "data.shuffle_initial=8",
+            "--set", "schedule.warmup_steps=2", "--set", "log.every=1",
+            "--set", "schedule.steps=3", *extra]
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _resume_state(kind: str, run_dir: Path, out: Path, ranks: int) -> dict:
+    script = str(ROOT / "tests" / "scripts" / "resume_state.py")
+    command = deepspeed_command(f"{kind}.py", [kind, str(run_dir), str(out)], ranks)
+    command[command.index(str(ROOT / "launch" / f"{kind}.py"))] = script
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "state.json").read_text())
+
+
+def _assert_same_optimizer_state(original: Path, resumed: Path) -> None:
+    """Every parameter's fp32 master, exp_avg and exp_avg_sq: universal checkpoint files."""
+    names = sorted(p.name for p in (original / "zero").iterdir() if p.is_dir())
+    assert names == sorted(p.name for p in (resumed / "zero").iterdir() if p.is_dir())
+    for name in names:
+        for state in ("fp32", "exp_avg", "exp_avg_sq", "step"):  # step: Adam's count
+            a = torch.load(original / "zero" / name / f"{state}.pt", weights_only=False)
+            b = torch.load(resumed / "zero" / name / f"{state}.pt", weights_only=False)
+            assert torch.equal(torch.as_tensor(a["param"]), torch.as_tensor(b["param"])), (
+                name, state)
+    groups = [[{k: v for k, v in g.items() if k != "params"} for g in torch.load(
+        f / "zero" / "optimizer_state.pt", weights_only=False)["param_groups"]]
+        for f in (original, resumed)]
+    assert groups[0] == groups[1]  # lr, weight decay, betas of every group
+
+
+def _assert_same_stage0_state(original: Path, resumed: Path) -> None:
+    a = torch.load(original / "mp_rank_00_model_states.pt", weights_only=False)
+    b = torch.load(resumed / "mp_rank_00_model_states.pt", weights_only=False)
+    for name, value in a["module"].items():
+        assert torch.equal(value, b["module"][name]), name
+    sa, sb = a["optimizer"], b["optimizer"]
+    if "fp32_groups" in sa:  # bf16: the masters and the wrapped torch optimizer
+        for ga, gb in zip(sa["fp32_groups"], sb["fp32_groups"], strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+        sa, sb = sa["optimizer_state_dict"], sb["optimizer_state_dict"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for key, state in sa["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb["state"][key][field]))
+
+
+def _check_resume(shards: str, tmp_path: Path, stage: int, ranks: int,
+                  precision: str = "fp32", *extra: str) -> None:
+    run_dir = tmp_path / "run"
+    common = ["--set", f"deepspeed.zero_stage={stage}",
+              "--set", f"deepspeed.precision={precision}", *extra]
+    run_deepspeed("pretrain.py", _args(run_dir, shards, *common))  # 2 ranks, 3 steps
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert tag == "step_00000003"
+    before = _tree_digest(run_dir / "checkpoints" / tag)
+    saved = json.loads((run_dir / "checkpoints" / tag / "run_state.json").read_text())
+    assert saved["world_size"] == 2 and saved["samples_seen"] == 3 * 12
+
+    out = tmp_path / "out"
+    state = _resume_state("pretrain", run_dir, out, ranks)
+    assert state["notes"][0].startswith(f"checkpoint {tag} was written by 2 ranks; ")
+    assert state["step"] == 3 and state["samples_seen"] == 36
+    assert state["batch_size"] * state["grad_accum"] * ranks == 12  # global batch kept
+    assert _tree_digest(run_dir / "checkpoints" / tag) == before  # the original untouched
+    original = fp32_state_dict(run_dir / "checkpoints", tag)
+    resumed = torch.load(out / "fp32.pt", weights_only=True)
+    assert original.keys() == resumed.keys()
+    for name, value in original.items():
+        assert torch.equal(value, resumed[name]), name
+    if stage > 0:
+        converted = run_dir / "checkpoints" / "universal" / tag
+        assert f"converted to a universal checkpoint in {converted}" in state["notes"][0]
+        _assert_same_optimizer_state(converted, out / "universal")
+    else:
+        _assert_same_stage0_state(run_dir / "checkpoints" / tag, out / "resumed")
+    return state
+
+
+@pytest.mark.parametrize(("stage", "ranks"), [
+    (2, 1),
+    (0, 3),
+    pytest.param(0, 1, marks=pytest.mark.slow),
+    pytest.param(1, 1, marks=pytest.mark.slow),
+    pytest.param(1, 3, marks=pytest.mark.slow),
+    pytest.param(2, 3, marks=pytest.mark.slow),
+    pytest.param(3, 1, marks=pytest.mark.slow),
+    pytest.param(3, 3, marks=pytest.mark.slow),
+])
+def test_resume_on_another_world_size_restores_state_exactly(
+        stage: int, ranks: int, shape_shards: dict, tmp_path: Path) -> None:
+    _check_resume(shape_shards["train"], tmp_path, stage, ranks)
