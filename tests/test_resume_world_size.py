@@ -46,20 +46,31 @@ def _resume_state(kind: str, run_dir: Path, out: Path, ranks: int) -> dict:
     return json.loads((out / "state.json").read_text())
 
 
+def _universal_tensor(path: Path) -> torch.Tensor:
+    value = torch.load(path, weights_only=False)  # ZeRO 1/2: {"param": ...}; ZeRO 3: the tensor
+    return torch.as_tensor(value["param"] if isinstance(value, dict) else value)
+
+
 def _assert_same_optimizer_state(original: Path, resumed: Path) -> None:
     """Every parameter's fp32 master, exp_avg and exp_avg_sq: universal checkpoint files."""
     names = sorted(p.name for p in (original / "zero").iterdir() if p.is_dir())
     assert names == sorted(p.name for p in (resumed / "zero").iterdir() if p.is_dir())
     for name in names:
         for state in ("fp32", "exp_avg", "exp_avg_sq", "step"):  # step: Adam's count
-            a = torch.load(original / "zero" / name / f"{state}.pt", weights_only=False)
-            b = torch.load(resumed / "zero" / name / f"{state}.pt", weights_only=False)
-            assert torch.equal(torch.as_tensor(a["param"]), torch.as_tensor(b["param"])), (
-                name, state)
-    groups = [[{k: v for k, v in g.items() if k != "params"} for g in torch.load(
-        f / "zero" / "optimizer_state.pt", weights_only=False)["param_groups"]]
-        for f in (original, resumed)]
+            if state == "step" and not (original / "zero" / name / "step.pt").is_file():
+                continue  # ZeRO-3: in optimizer_state.pt
+            a, b = (_universal_tensor(f / "zero" / name / f"{state}.pt")
+                    for f in (original, resumed))
+            assert torch.equal(a, b), (name, state)
+    common = [torch.load(f / "zero" / "optimizer_state.pt", weights_only=False)
+              for f in (original, resumed)]
+    groups = [[{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+              for state in common]
     assert groups[0] == groups[1]  # lr, weight decay, betas of every group
+    if "optimizer_state_dict" in common[0]:  # ZeRO-3 keeps Adam's step count here
+        steps = [[s["step"] for s in state["optimizer_state_dict"]["state"].values()]
+                 for state in common]
+        assert steps[0] and {float(s) for s in steps[0]} == {float(s) for s in steps[1]}
 
 
 def _assert_same_stage0_state(original: Path, resumed: Path) -> None:

@@ -110,6 +110,25 @@ def fp32_state_dict(checkpoint_dir: Path | str, tag: str | None = None) -> dict[
     return weights
 
 
+def _restore_group_hyperparameters(engine: Any, folder: Path) -> None:
+    """Give every optimizer parameter group its own saved hyperparameters again.
+
+    DeepSpeed's ZeRO-3 universal load copies the *first* group's saved hyperparameters into
+    every group (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``; DeepSpeed issue
+    6691 is the same loss at other stages): weight decay 0 of a no-decay group would then
+    apply to every group. The universal checkpoint keeps each group's; only the parameter
+    lists (the optimizer's own flat partitions) are left as they are.
+    """
+    saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    groups = engine.optimizer.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise RuntimeError(f"{folder}: {len(saved)} optimizer parameter groups, the model has "
+                           f"{len(groups)}")
+    for group, hyper in zip(groups, saved, strict=True):
+        group.update({key: value for key, value in hyper.items() if key != "params"})
+
+
 class Checkpointer:
     """Saves and restores a DeepSpeed engine plus per-rank extras under one directory."""
 
@@ -186,6 +205,8 @@ class Checkpointer:
                 raise RuntimeError("a universal load needs the engine built with load_universal")
             load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=tag)
             engine._config.load_universal_checkpoint = False  # later loads are plain ones
+            if engine.zero_optimization_stage() == 3:
+                _restore_group_hyperparameters(engine, folder)
         else:
             load_path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
