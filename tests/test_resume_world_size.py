@@ -134,3 +134,61 @@ def _check_resume(shards: str, tmp_path: Path, stage: int, ranks: int,
 def test_resume_on_another_world_size_restores_state_exactly(
         stage: int, ranks: int, shape_shards: dict, tmp_path: Path) -> None:
     _check_resume(shape_shards["train"], tmp_path, stage, ranks)
+
+
+def _run_files(run_dir: Path) -> dict[str, str]:
+    """Digests of what describes the run: its config files and every checkpoint file."""
+    files = {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+             for name in ("config.yaml", "deepspeed.json")}
+    return files | {f"checkpoints/{k}": v
+                    for k, v in _tree_digest(run_dir / "checkpoints").items()}
+
+
+def test_refused_resumes_change_nothing_and_say_so_once(shape_shards: dict,
+                                                        tmp_path: Path) -> None:
+    """A global batch 5 ranks cannot split, a changed data.workers, and (until the streams can
+    be re-dealt) a stream layout of 2 ranks on 1: each refused in one line by one rank, before
+    any "resumed", leaving config.yaml, deepspeed.json and every checkpoint file as they were
+    (no universal conversion either)."""
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, shape_shards["train"], "--set", "deepspeed.zero_stage=1")
+    run_deepspeed("pretrain.py", args)  # global batch 12
+    before = _run_files(run_dir)
+    attempts = [
+        (5, [], "which 5 ranks cannot split evenly"),
+        (2, ["--set", "data.workers=3"], "the config asks for data.workers=3"),
+        (1, [], "the data streams of 2 ranks cannot yet be re-dealt to 1 ranks"),
+    ]
+    for ranks, extra, message in attempts:
+        result = run_deepspeed("pretrain.py", [*args, *extra], ranks=ranks, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output[-3000:]
+        refusals = [line for line in output.splitlines() if "resume refused:" in line]
+        assert len(refusals) == 1 and message in refusals[0], output[-3000:]
+        assert "Traceback" not in output and "resumed from" not in output
+        assert _run_files(run_dir) == before
+    assert not (run_dir / "checkpoints" / "universal").exists()
+
+
+def test_deliberate_batch_change_continues_by_samples_seen(shape_shards: dict,
+                                                           tmp_path: Path) -> None:
+    """--set data.batch_size doubles the global batch on resume: samples_seen continues from
+    the saved value (it used to be recomputed as step x the new batch and went backwards),
+    and the schedule continues at its position in samples."""
+    from pretrain.engine.run_log import read_metrics
+
+    run_dir = tmp_path / "run"
+    run_deepspeed("pretrain.py", _args(run_dir, shape_shards["train"]))  # 3 steps x 12
+    result = run_deepspeed("pretrain.py", _args(run_dir, shape_shards["train"],
+                                                "--set", "schedule.steps=6",
+                                                "--set", "data.batch_size=12"))
+    assert "global batch changed from 12 to 24" in result.stdout
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    # 6 steps at 24 = 144 samples; 36 seen at step 3, so 108 = 4.5 steps of 24 remain
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["samples_seen"] for r in records] == [12, 24, 36, 60, 84, 108, 132, 156]
+    saved = json.loads((run_dir / "checkpoints" / "step_00000008" / "run_state.json")
+                       .read_text())
+    assert saved["samples_seen"] == 156 and saved["global_batch"] == 24
+    config = (run_dir / "config.yaml").read_text()
+    assert "batch_size: 12" in config  # written once the new launch took its first step

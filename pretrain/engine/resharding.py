@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from pretrain.engine.stream import resume_stream_state
+
 RUN_STATE_FILE = "run_state.json"
 UNIVERSAL_DIR = "universal"
 COMPLETE_FILE = "converted.json"  # written last in a finished conversion
@@ -55,6 +57,16 @@ class SavedRun:
     grad_accum: int
     world_size: int
     zero_stage: int
+    # The split the config asked for (data.batch_size, train.grad_accum), before a world-size
+    # change re-split it to keep the global batch: what tells a deliberate change from the
+    # same command re-run on another number of ranks.
+    requested_micro_batch: int = 0
+    requested_grad_accum: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.requested_micro_batch:  # written before these fields existed
+            object.__setattr__(self, "requested_micro_batch", self.micro_batch)
+            object.__setattr__(self, "requested_grad_accum", self.grad_accum)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -83,25 +95,22 @@ def read_saved_run(checkpoint_dir: Path) -> SavedRun | None:
                     world_size=world, zero_stage=int(config["deepspeed"]["zero_stage"]))
 
 
-def explicit_batch_keys(overrides: list[str]) -> set[str]:
-    """Which of ``data.batch_size`` / ``train.grad_accum`` the command sets with ``--set``."""
-    keys = {o.split("=", 1)[0].strip() for o in overrides}
-    return keys & {"data.batch_size", "train.grad_accum"}
+def batch_split(saved: SavedRun, world: int, micro: int, accum: int) -> tuple[int, int]:
+    """The (micro-batch, accumulation) to resume with on ``world`` ranks, given the config's.
 
-
-def batch_split(saved: SavedRun, world: int, micro: int, accum: int, explicit: set[str]
-                ) -> tuple[int, int]:
-    """The (micro-batch, accumulation) to resume with on ``world`` ranks.
-
-    With no ``--set`` of either field the saved global batch is kept: same micro-batch and the
+    When the config asks for the split the checkpoint's run asked for (the same command, on
+    another number of ranks), the saved global batch is kept: the same micro-batch and the
     accumulation that makes ``micro x accum x world`` equal to it if that is an integer, else
-    the largest micro-batch not above the configured one that divides it (with its
-    accumulation). A ``--set`` of one or both fields is a deliberate choice and is kept as it
-    is (the schedule then continues by samples seen). :class:`ResumeRefused` when no split
-    exists, naming the options.
+    the largest micro-batch not above the configured one that divides the per-rank share
+    (with its accumulation). A config asking for another ``data.batch_size`` or
+    ``train.grad_accum`` is a deliberate change and is taken as it is (the schedule then
+    continues by samples seen). :class:`ResumeRefused` when no split exists, naming the
+    options.
     """
-    if explicit or world == saved.world_size and micro * accum == saved.global_batch // world:
-        return micro, accum
+    if (micro, accum) != (saved.requested_micro_batch, saved.requested_grad_accum):
+        return micro, accum  # deliberate
+    if world == saved.world_size:
+        return saved.micro_batch, saved.grad_accum
     per_rank, remainder = divmod(saved.global_batch, world)
     if remainder == 0:
         if per_rank % micro == 0:
@@ -131,6 +140,20 @@ def schedule_offset(saved: SavedRun | None, global_batch: int) -> float:
     if saved is None:
         return 0.0
     return saved.samples_seen / global_batch - saved.step
+
+
+def saved_streams(checkpoint_dir: Path, saved: SavedRun) -> list[dict[str, Any]]:
+    """Every old rank's saved data-stream state (``rank_*.pt``'s ``data``; memory-mapped, so
+    the rest of those files, e.g. an EMA copy of the weights, is not read)."""
+    import torch
+
+    folder = Path(checkpoint_dir) / saved.tag
+    streams = []
+    for old_rank in range(saved.world_size):
+        state = torch.load(folder / f"rank_{old_rank:05d}.pt", map_location="cpu",
+                           weights_only=True, mmap=True)
+        streams.append(state["data"])
+    return streams
 
 
 def needs_universal(saved: SavedRun | None, world: int) -> bool:
@@ -220,8 +243,7 @@ def ceil_steps(total: int, offset: float) -> int:
     return max(0, math.ceil(total - offset - 1e-9))
 
 
-def prepare_resume(cfg: Any, run_dir: Path, overrides: list[str], world: int, rank: int
-                   ) -> tuple[Any, list[str]]:
+def prepare_resume(cfg: Any, run_dir: Path, world: int, rank: int) -> tuple[Any, list[str]]:
     """Before any process group, on every rank: ``cfg`` with the batch split to resume with
     and the lines rank 0 prints about it; at ZeRO 1-3 on a new world size rank 0 converts
     the checkpoint to a universal one while the other ranks wait for it. Raises
@@ -235,8 +257,12 @@ def prepare_resume(cfg: Any, run_dir: Path, overrides: list[str], world: int, ra
         raise ResumeRefused(
             f"checkpoint {saved.tag} was written at ZeRO stage {saved.zero_stage} by "
             f"{saved.world_size} ranks: change the world size or the ZeRO stage, not both")
-    micro, accum = batch_split(saved, world, cfg.data.batch_size, cfg.train.grad_accum,
-                               explicit_batch_keys(overrides))
+    micro, accum = batch_split(saved, world, cfg.data.batch_size, cfg.train.grad_accum)
+    try:  # the same verdict the trainer reaches after loading, before anything is written
+        resume_stream_state(saved_streams(checkpoints, saved), saved.world_size, rank, world,
+                            cfg.data.workers)
+    except ValueError as error:
+        raise ResumeRefused(f"cannot resume {saved.tag}: {error}") from None
     if (micro, accum) != (cfg.data.batch_size, cfg.train.grad_accum):
         cfg = cfg.model_copy(update={
             "data": cfg.data.model_copy(update={"batch_size": micro}),

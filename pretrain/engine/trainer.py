@@ -102,7 +102,8 @@ class Trainer:
     (a refused resume, a crash) leaves the run directory describing its checkpoints.
     """
 
-    def __init__(self, cfg: JobConfig, task: Task, run_dir: Path) -> None:
+    def __init__(self, cfg: JobConfig, task: Task, run_dir: Path,
+                 requested_batch: tuple[int, int] | None = None) -> None:
         launcher = os.getppid()
         self.cfg, self.task = cfg, task
         self.run_dir = Path(run_dir)
@@ -112,6 +113,8 @@ class Trainer:
         checkpoints = self.run_dir / "checkpoints"
         self.saved: SavedRun | None = read_saved_run(checkpoints)
         self.micro_batch = cfg.data.batch_size
+        # (data.batch_size, train.grad_accum) as the config asked, before any re-split
+        self.requested_batch = requested_batch or (self.micro_batch, cfg.train.grad_accum)
         self.global_batch = self.micro_batch * cfg.train.grad_accum * self.world_size
         self.schedule = resolve_schedule(cfg.schedule, task.epoch_samples(), self.global_batch)
         # After a deliberate change of the global batch the schedule continues by samples
@@ -242,7 +245,9 @@ class Trainer:
                              samples_seen=self.samples_seen, global_batch=self.global_batch,
                              micro_batch=self.micro_batch, grad_accum=self.cfg.train.grad_accum,
                              world_size=self.world_size,
-                             zero_stage=self.cfg.deepspeed.zero_stage)
+                             zero_stage=self.cfg.deepspeed.zero_stage,
+                             requested_micro_batch=self.requested_batch[0],
+                             requested_grad_accum=self.requested_batch[1])
         self.checkpointer.save(self.engine, self.step, client_state, rank_state, run_state)
 
     def _write_run_files(self) -> None:

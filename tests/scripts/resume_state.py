@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import pretrain.engine.trainer as trainer_module  # noqa: E402
+from pretrain.engine import resharding  # noqa: E402
 from pretrain.engine.checkpoint import fp32_state_dict, optimizer_param_names  # noqa: E402
 from pretrain.engine.config import load_config  # noqa: E402
 from pretrain.engine.distributed import barrier  # noqa: E402
-from pretrain.engine.resharding import _conversion_args, prepare_resume  # noqa: E402
 from pretrain.engine.stream import StreamState  # noqa: E402
 
 
@@ -48,10 +48,11 @@ def main() -> None:
         cfg = load_config(FinetuneConfig, run_dir / "config.yaml")
         task_class = finetune_task(cfg)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cfg, notes = prepare_resume(cfg, run_dir, [], world, rank)
-    trainer_module.resume_stream_state = (
-        lambda streams, old, rank, world, workers: StreamState.fresh(workers))
-    trainer = trainer_module.Trainer(cfg, task_class(cfg), run_dir)
+    fresh_stream = lambda streams, old, rank, world, workers: StreamState.fresh(workers)  # noqa
+    resharding.resume_stream_state = trainer_module.resume_stream_state = fresh_stream
+    requested = (cfg.data.batch_size, cfg.train.grad_accum)
+    cfg, notes = resharding.prepare_resume(cfg, run_dir, world, rank)
+    trainer = trainer_module.Trainer(cfg, task_class(cfg), run_dir, requested)
     engine = trainer.engine
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -72,7 +73,7 @@ def main() -> None:
         if cfg.deepspeed.zero_stage > 0:
             from deepspeed.checkpoint import ds_to_universal
 
-            ds_to_universal.main(_conversion_args(out / "resumed", out / "universal"))
+            ds_to_universal.main(resharding._conversion_args(out / "resumed", out / "universal"))
         torch.save(fp32_state_dict(out, "resumed"), out / "fp32.pt")
         lrs = [group["lr"] for group in engine.lr_scheduler.optimizer.param_groups]
         (out / "state.json").write_text(json.dumps({
