@@ -89,23 +89,22 @@ def _assert_same_stage0_state(original: Path, resumed: Path) -> None:
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb["state"][key][field]))
 
 
-def _check_resume(shards: str, tmp_path: Path, stage: int, ranks: int,
-                  precision: str = "fp32", *extra: str) -> None:
-    run_dir = tmp_path / "run"
-    common = ["--set", f"deepspeed.zero_stage={stage}",
-              "--set", f"deepspeed.precision={precision}", *extra]
-    run_deepspeed("pretrain.py", _args(run_dir, shards, *common))  # 2 ranks, 3 steps
+def _check_resume(kind: str, args: list[str], run_dir: Path, tmp_path: Path, stage: int,
+                  ranks: int, global_batch: int) -> dict:
+    """Train ``args`` (3 steps) on 2 ranks, resume its last checkpoint on ``ranks`` and check
+    the state right after the load against the checkpoint."""
+    run_deepspeed(f"{kind}.py", args)
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert tag == "step_00000003"
     before = _tree_digest(run_dir / "checkpoints" / tag)
     saved = json.loads((run_dir / "checkpoints" / tag / "run_state.json").read_text())
-    assert saved["world_size"] == 2 and saved["samples_seen"] == 3 * 12
+    assert saved["world_size"] == 2 and saved["samples_seen"] == 3 * global_batch
 
     out = tmp_path / "out"
-    state = _resume_state("pretrain", run_dir, out, ranks)
+    state = _resume_state(kind, run_dir, out, ranks)
     assert state["notes"][0].startswith(f"checkpoint {tag} was written by 2 ranks; ")
-    assert state["step"] == 3 and state["samples_seen"] == 36
-    assert state["batch_size"] * state["grad_accum"] * ranks == 12  # global batch kept
+    assert state["step"] == 3 and state["samples_seen"] == 3 * global_batch
+    assert state["batch_size"] * state["grad_accum"] * ranks == global_batch  # kept
     assert _tree_digest(run_dir / "checkpoints" / tag) == before  # the original untouched
     original = fp32_state_dict(run_dir / "checkpoints", tag)
     resumed = torch.load(out / "fp32.pt", weights_only=True)
@@ -118,7 +117,27 @@ def _check_resume(shards: str, tmp_path: Path, stage: int, ranks: int,
         _assert_same_optimizer_state(converted, out / "universal")
     else:
         _assert_same_stage0_state(run_dir / "checkpoints" / tag, out / "resumed")
+    best = run_dir / "checkpoints" / tag / "best.json"
+    if best.is_file():
+        assert state["best"] == json.loads(best.read_text())
+    for rank in range(ranks):  # the task state (EMA) of old rank `rank mod 2`
+        old = torch.load(run_dir / "checkpoints" / tag / f"rank_{rank % 2:05d}.pt",
+                         weights_only=True)["task"]
+        if old:
+            new = torch.load(out / f"task_{rank}.pt", weights_only=True)
+            _assert_same_tree(old, new)
     return state
+
+
+def _assert_same_tree(a: object, b: object) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            _assert_same_tree(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
 
 
 @pytest.mark.parametrize(("stage", "ranks"), [
@@ -133,7 +152,76 @@ def _check_resume(shards: str, tmp_path: Path, stage: int, ranks: int,
 ])
 def test_resume_on_another_world_size_restores_state_exactly(
         stage: int, ranks: int, shape_shards: dict, tmp_path: Path) -> None:
-    _check_resume(shape_shards["train"], tmp_path, stage, ranks)
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, shape_shards["train"], "--set", f"deepspeed.zero_stage={stage}",
+                 "--set", "deepspeed.precision=fp32")
+    _check_resume("pretrain", args, run_dir, tmp_path, stage, ranks, global_batch=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "offload", "precision", "ranks"), [
+    (0, False, "bf16", 3),  # stage 0 bf16: DeepSpeed's fp32 masters, replicated
+    (2, True, "bf16", 1),
+    (3, True, "fp32", 3),
+])
+def test_pretrain_resume_with_bf16_or_offload(stage: int, offload: bool, precision: str,
+                                              ranks: int, shape_shards: dict,
+                                              tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, shape_shards["train"], "--set", f"deepspeed.zero_stage={stage}",
+                 "--set", f"deepspeed.offload_optimizer={str(offload).lower()}",
+                 "--set", f"deepspeed.precision={precision}")
+    _check_resume("pretrain", args, run_dir, tmp_path, stage, ranks, global_batch=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "ranks"), [(2, 1), (1, 3)])
+def test_classification_resume_carries_ema_and_best(stage: int, ranks: int,
+                                                    shape_shards: dict,
+                                                    tmp_path: Path) -> None:
+    """Fine-tuning (classification with an EMA and a best checkpoint by top-1)."""
+    from data_tools.synthetic import COLORS
+    from tests.jobs import TINY_ENCODER
+
+    run_dir = tmp_path / "run"
+    args = ["--config", "demo_shapes", "--run-dir", str(run_dir), *TINY_ENCODER,
+            "--set", f"data.train={shape_shards['labelled']}",
+            "--set", f"data.val={shape_shards['heldout']}",
+            "--set", "data.label_key=color", "--set", f"data.classes=[{', '.join(COLORS)}]",
+            "--set", "data.num_classes=8", "--set", "data.image_size=32",
+            "--set", "data.batch_size=6", "--set", "data.shuffle_buffer=32",
+            "--set", "data.shuffle_initial=8", "--set", "schedule.steps=3",
+            "--set", "schedule.warmup_steps=1", "--set", "eval.every=3",
+            "--set", "eval.batch_size=32", "--set", "eval.best_metric=ema_top1",
+            "--set", "ema.enabled=true", "--set", f"deepspeed.zero_stage={stage}",
+            "--set", "log.every=1"]
+    state = _check_resume("finetune", args, run_dir, tmp_path, stage, ranks, global_batch=12)
+    assert state["best"] is not None and state["best"]["step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "stage"), [("detection", 2), ("segmentation", 3)])
+def test_dense_task_resume_on_one_rank(task: str, stage: int, tmp_path: Path) -> None:
+    """Fine-tuning (detection, segmentation): 2 ranks to 1."""
+
+    run_dir = tmp_path / "run"
+    if task == "detection":
+        from data_tools.coco_synthetic import write_synthetic_coco
+        from tests.test_detection_run import _args as task_args
+
+        root = write_synthetic_coco(tmp_path / "coco", train_images=16, val_images=4, seed=3,
+                                    min_size=80, max_size=128)
+        micro = 4  # configs/finetune/coco/demo.yaml
+    else:
+        from finetune.segmentation.synthetic import write_synthetic_ade
+        from tests.test_segmentation_run import _args as task_args
+
+        root = write_synthetic_ade(tmp_path / "ade", train=16, val=4, num_classes=4, seed=7,
+                                   min_side=36, max_side=70)
+        micro = 8  # configs/finetune/ade20k/demo.yaml
+    args = task_args(run_dir, root, "--set", f"deepspeed.zero_stage={stage}", steps=3)
+    cfg_batch = 2 * micro
+    _check_resume("finetune", args, run_dir, tmp_path, stage, 1, global_batch=cfg_batch)
 
 
 def _run_files(run_dir: Path) -> dict[str, str]:
