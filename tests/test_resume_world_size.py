@@ -218,8 +218,9 @@ def test_dense_task_resume_on_one_rank(task: str, stage: int, tmp_path: Path) ->
 
         root = write_synthetic_ade(tmp_path / "ade", train=16, val=4, num_classes=4, seed=7,
                                    min_side=36, max_side=70)
-        micro = 8  # configs/finetune/ade20k/demo.yaml
-    args = task_args(run_dir, root, "--set", f"deepspeed.zero_stage={stage}", steps=3)
+        micro = 4  # test_segmentation_run's data.batch_size
+    args = task_args(run_dir, root, "--set", f"deepspeed.zero_stage={stage}",
+                     "--set", "schedule.warmup_steps=1", steps=3)
     cfg_batch = 2 * micro
     _check_resume("finetune", args, run_dir, tmp_path, stage, 1, global_batch=cfg_batch)
 

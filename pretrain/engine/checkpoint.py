@@ -110,6 +110,26 @@ def fp32_state_dict(checkpoint_dir: Path | str, tag: str | None = None) -> dict[
     return weights
 
 
+def _restore_buffers(engine: Any, folder: Path) -> None:
+    """Load the module's buffers (batch-norm statistics...) from the universal checkpoint.
+
+    DeepSpeed's universal load restores parameters from ``zero/`` and skips the module's state
+    dict altogether (``_load_checkpoint``: ``if not self.load_universal_checkpoint():
+    self.load_module_state_dict(...)``), so buffers kept their initial values: a segmenter's
+    batch-norm running means came back as zeros. Buffers are never partitioned (ZeRO-3
+    included); the model-states file beside ``zero/`` holds them under their names.
+    """
+    states = sorted(folder.glob("*model_states.pt"))
+    if not states:
+        raise RuntimeError(f"{folder}: no model states file")
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)
+    module_state = saved["module"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in module_state and name in saved.get("buffer_names", module_state):
+                buffer.copy_(module_state[name])
+
+
 def _restore_group_hyperparameters(engine: Any, folder: Path) -> None:
     """Give every optimizer parameter group its own saved hyperparameters again.
 
@@ -205,6 +225,7 @@ class Checkpointer:
                 raise RuntimeError("a universal load needs the engine built with load_universal")
             load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=tag)
             engine._config.load_universal_checkpoint = False  # later loads are plain ones
+            _restore_buffers(engine, folder)
             if engine.zero_optimization_stage() == 3:
                 _restore_group_hyperparameters(engine, folder)
         else:
