@@ -182,8 +182,15 @@ def convert_to_universal(checkpoint_dir: Path, saved: SavedRun) -> Path:
     partial.mkdir(parents=True)
     namespace = _conversion_args(checkpoint_dir / saved.tag, partial)
     log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        ds_to_universal.main(namespace)
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(namespace)
+    except Exception as error:  # DeepSpeed's asserts and errors: one line, the log kept
+        (partial / "conversion.log").write_text(log.getvalue())
+        raise ResumeRefused(
+            f"converting {checkpoint_dir / saved.tag} to a universal checkpoint failed "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); DeepSpeed's "
+            f"output is in {partial / 'conversion.log'}") from None
     (partial / "conversion.log").write_text(log.getvalue())
     (partial / COMPLETE_FILE).write_text(json.dumps(
         {"source": saved.tag, "source_world_size": saved.world_size}))
