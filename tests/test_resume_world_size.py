@@ -281,3 +281,23 @@ def test_deliberate_batch_change_continues_by_samples_seen(shape_shards: dict,
     assert saved["samples_seen"] == 156 and saved["global_batch"] == 24
     config = (run_dir / "config.yaml").read_text()
     assert "batch_size: 12" in config  # written once the new launch took its first step
+
+
+def test_batch_split_keeps_the_global_batch_or_names_the_options() -> None:
+    from pretrain.engine.resharding import ResumeRefused, SavedRun, batch_split, schedule_offset
+
+    saved = SavedRun(tag="step_00000008", step=8, samples_seen=1024, global_batch=128,
+                     micro_batch=32, grad_accum=1, world_size=4, zero_stage=2)
+    assert batch_split(saved, 4, 32, 1) == (32, 1)
+    assert batch_split(saved, 2, 32, 1) == (32, 2)  # a node lost: accumulate twice
+    assert batch_split(saved, 8, 32, 1) == (16, 1)  # more ranks: smaller micro-batches
+    assert batch_split(saved, 16, 32, 1) == (8, 1)
+    with pytest.raises(ResumeRefused, match="3 ranks cannot split evenly.*--set train.grad_accum"):
+        batch_split(saved, 3, 32, 1)
+    assert batch_split(saved, 3, 32, 2) == (32, 2)  # deliberate: taken as it is
+    resplit = SavedRun(tag="step_00000009", step=9, samples_seen=1152, global_batch=128,
+                       micro_batch=32, grad_accum=2, world_size=2, zero_stage=2,
+                       requested_micro_batch=32, requested_grad_accum=1)
+    assert batch_split(resplit, 4, 32, 1) == (32, 1)  # back on 4 ranks: the split asked for
+    assert schedule_offset(saved, 128) == 0
+    assert schedule_offset(saved, 256) == 1024 / 256 - 8  # doubled: the schedule at 4, not 8
