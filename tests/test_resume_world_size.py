@@ -90,10 +90,11 @@ def _assert_same_stage0_state(original: Path, resumed: Path) -> None:
 
 
 def _check_resume(kind: str, args: list[str], run_dir: Path, tmp_path: Path, stage: int,
-                  ranks: int, global_batch: int) -> dict:
-    """Train ``args`` (3 steps) on 2 ranks, resume its last checkpoint on ``ranks`` and check
-    the state right after the load against the checkpoint."""
-    run_deepspeed(f"{kind}.py", args)
+                  ranks: int, global_batch: int, trained: bool = False) -> dict:
+    """Train ``args`` (3 steps) on 2 ranks (unless ``trained``), resume its last checkpoint on
+    ``ranks`` and check the state right after the load against the checkpoint."""
+    if not trained:
+        run_deepspeed(f"{kind}.py", args)
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert tag == "step_00000003"
     before = _tree_digest(run_dir / "checkpoints" / tag)
@@ -172,6 +173,41 @@ def test_pretrain_resume_with_bf16_or_offload(stage: int, offload: bool, precisi
                  "--set", f"deepspeed.offload_optimizer={str(offload).lower()}",
                  "--set", f"deepspeed.precision={precision}")
     _check_resume("pretrain", args, run_dir, tmp_path, stage, ranks, global_batch=12)
+
+
+def _classification_args(run_dir: Path, shape_shards: dict, *extra: str) -> list[str]:
+    from data_tools.synthetic import COLORS
+    from tests.jobs import TINY_ENCODER
+
+    return ["--config", "demo_shapes", "--run-dir", str(run_dir), *TINY_ENCODER,
+            "--set", f"data.train={shape_shards['labelled']}",
+            "--set", f"data.val={shape_shards['heldout']}",
+            "--set", "data.label_key=color", "--set", f"data.classes=[{', '.join(COLORS)}]",
+            "--set", "data.num_classes=8", "--set", "data.image_size=32",
+            "--set", "data.batch_size=6", "--set", "data.shuffle_buffer=32",
+            "--set", "data.shuffle_initial=8", "--set", "schedule.steps=3",
+            "--set", "schedule.warmup_steps=1", "--set", "log.every=1", *extra]
+
+
+@pytest.mark.slow
+def test_linear_probe_resume_keeps_the_frozen_encoder(shape_shards: dict,
+                                                      tmp_path: Path) -> None:
+    """The frozen encoder of a linear probe comes from the checkpoint: the resumed build gets
+    another seed, so its own initial encoder differs (DeepSpeed's universal load restores only
+    the optimizer's parameters)."""
+    run_dir = tmp_path / "run"
+    args = _classification_args(run_dir, shape_shards, "--set", "linear_probe=true",
+                                "--set", "data.randaugment=null", "--set", "data.mixup=0",
+                                "--set", "data.cutmix=0", "--set", "data.random_erasing=0",
+                                "--set", "deepspeed.zero_stage=2")
+    run_deepspeed("finetune.py", args)
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["train"]["seed"] += 5
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _check_resume("finetune", args, run_dir, tmp_path, 2, 1, global_batch=12,
+                  trained=True)
 
 
 @pytest.mark.slow

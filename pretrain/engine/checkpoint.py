@@ -111,13 +111,17 @@ def fp32_state_dict(checkpoint_dir: Path | str, tag: str | None = None) -> dict[
 
 
 def _restore_buffers(engine: Any, folder: Path) -> None:
-    """Load the module's buffers (batch-norm statistics...) from the universal checkpoint.
+    """Load the module's buffers (batch-norm statistics...) and, at ZeRO 1-2, its frozen
+    parameters from the universal checkpoint.
 
-    DeepSpeed's universal load restores parameters from ``zero/`` and skips the module's state
-    dict altogether (``_load_checkpoint``: ``if not self.load_universal_checkpoint():
-    self.load_module_state_dict(...)``), so buffers kept their initial values: a segmenter's
-    batch-norm running means came back as zeros. Buffers are never partitioned (ZeRO-3
-    included); the model-states file beside ``zero/`` holds them under their names.
+    DeepSpeed's universal load restores the optimizer's parameters from ``zero/`` and skips the
+    module's state dict altogether (``_load_checkpoint``: ``if not
+    self.load_universal_checkpoint(): self.load_module_state_dict(...)``), so buffers kept
+    their initial values (a segmenter's batch-norm running means came back as zeros), and so
+    would parameters outside the optimizer (a linear probe's frozen encoder: its initial
+    weights, normally the same pretrained file). Buffers are never partitioned (ZeRO-3
+    included); the model-states file beside ``zero/`` holds them under their names, and at
+    ZeRO 1-2 the frozen parameters whole (ZeRO-3 partitions those: not handled here).
     """
     states = sorted(folder.glob("*model_states.pt"))
     if not states:
@@ -128,6 +132,10 @@ def _restore_buffers(engine: Any, folder: Path) -> None:
         for name, buffer in engine.module.named_buffers():
             if name in module_state and name in saved.get("buffer_names", module_state):
                 buffer.copy_(module_state[name])
+        for name, param in engine.module.named_parameters():
+            value = module_state.get(name)
+            if not param.requires_grad and value is not None and value.shape == param.shape:
+                param.copy_(value)
 
 
 def _restore_group_hyperparameters(engine: Any, folder: Path) -> None:
