@@ -7,6 +7,13 @@ newest *complete* tag; it is replaced atomically only after every rank has finis
 (DeepSpeed's own ``latest`` is written by rank 0 before the other ranks are done, so it is not
 used). Older tags beyond ``keep`` are removed after ``latest`` moves on, except the
 ``protected`` one: the trainer's best checkpoint by its evaluation metric, which ``best`` names.
+
+Rank 0 also writes ``run_state.json`` into the tag (step, samples seen, global batch and its
+split, ZeRO stage: :mod:`pretrain.engine.resharding`), readable before any process group. A
+checkpoint written by another number of ranks is loaded through a universal checkpoint
+(``universal/<tag>/``, converted once, the original tag untouched) at ZeRO stages 1-3, as it is
+at stage 0; the per-rank files of ranks that did not exist are read from old rank
+``rank mod old_world`` (RNG, task state), and every old rank's data-stream state is handed on.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from data_tools.files import atomic_torch_save, atomic_write_text
 from pretrain.engine.distributed import barrier
+from pretrain.engine.resharding import (
+    RUN_STATE_FILE,
+    UNIVERSAL_DIR,
+    SavedRun,
+    needs_universal,
+    universal_folder,
+)
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 # The trainer checkpoints a step before evaluating it, so that checkpoint's client state
@@ -96,6 +110,53 @@ def fp32_state_dict(checkpoint_dir: Path | str, tag: str | None = None) -> dict[
     return weights
 
 
+def _restore_buffers(engine: Any, folder: Path) -> None:
+    """Load the module's buffers (batch-norm statistics...) and, at ZeRO 1-2, its frozen
+    parameters from the universal checkpoint.
+
+    DeepSpeed's universal load restores the optimizer's parameters from ``zero/`` and skips the
+    module's state dict altogether (``_load_checkpoint``: ``if not
+    self.load_universal_checkpoint(): self.load_module_state_dict(...)``), so buffers kept
+    their initial values (a segmenter's batch-norm running means came back as zeros), and so
+    would parameters outside the optimizer (a linear probe's frozen encoder: its initial
+    weights, normally the same pretrained file). Buffers are never partitioned (ZeRO-3
+    included); the model-states file beside ``zero/`` holds them under their names, and at
+    ZeRO 1-2 the frozen parameters whole (ZeRO-3 partitions those: not handled here).
+    """
+    states = sorted(folder.glob("*model_states.pt"))
+    if not states:
+        raise RuntimeError(f"{folder}: no model states file")
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)
+    module_state = saved["module"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in module_state and name in saved.get("buffer_names", module_state):
+                buffer.copy_(module_state[name])
+        for name, param in engine.module.named_parameters():
+            value = module_state.get(name)
+            if not param.requires_grad and value is not None and value.shape == param.shape:
+                param.copy_(value)
+
+
+def _restore_group_hyperparameters(engine: Any, folder: Path) -> None:
+    """Give every optimizer parameter group its own saved hyperparameters again.
+
+    DeepSpeed's ZeRO-3 universal load copies the *first* group's saved hyperparameters into
+    every group (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``; DeepSpeed issue
+    6691 is the same loss at other stages): weight decay 0 of a no-decay group would then
+    apply to every group. The universal checkpoint keeps each group's; only the parameter
+    lists (the optimizer's own flat partitions) are left as they are.
+    """
+    saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    groups = engine.optimizer.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise RuntimeError(f"{folder}: {len(saved)} optimizer parameter groups, the model has "
+                           f"{len(groups)}")
+    for group, hyper in zip(groups, saved, strict=True):
+        group.update({key: value for key, value in hyper.items() if key != "params"})
+
+
 class Checkpointer:
     """Saves and restores a DeepSpeed engine plus per-rank extras under one directory."""
 
@@ -115,12 +176,15 @@ class Checkpointer:
     def _rank_file(self, tag: str, rank: int | None = None) -> Path:
         return self.directory / tag / f"rank_{self.rank if rank is None else rank:05d}.pt"
 
-    def save(self, engine: Any, step: int, client_state: dict, rank_state: dict) -> str:
+    def save(self, engine: Any, step: int, client_state: dict, rank_state: dict,
+             run_state: SavedRun) -> str:
         """Collective: every rank must call it. Returns the tag written."""
         tag = tag_for(step)
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
                                save_latest=False)
         atomic_torch_save(rank_state, self._rank_file(tag))
+        if self.rank == 0:
+            atomic_write_text(self.directory / tag / RUN_STATE_FILE, run_state.to_json())
         barrier()
         if self.rank == 0:
             atomic_write_text(self.directory / "latest", tag)
@@ -137,6 +201,11 @@ class Checkpointer:
             if stale == self.protected:
                 continue
             shutil.rmtree(self.directory / stale, ignore_errors=True)
+        converted = self.directory / UNIVERSAL_DIR
+        if converted.is_dir():  # conversions of tags that are gone, or older than the newest
+            for folder in converted.iterdir():
+                if folder.name != self.protected and folder.name < keep_newest:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def record_best(self, best: dict[str, Any]) -> None:
         """After the evaluation of the step just checkpointed made it the best: keep that tag
@@ -147,12 +216,28 @@ class Checkpointer:
             atomic_write_text(self.directory / tag / BEST_FILE, json.dumps(best))
             atomic_write_text(self.directory / "best", tag)
 
-    def load(self, engine: Any) -> tuple[dict, dict] | None:
-        """Restore the latest complete checkpoint; ``None`` when there is none."""
-        tag = self.latest_tag()
-        if tag is None:
-            return None
-        load_path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
+    def load(self, engine: Any, saved: SavedRun, world_size: int
+             ) -> tuple[dict, dict, list[dict]]:
+        """Restore checkpoint ``saved`` (the latest complete one, see
+        :func:`~pretrain.engine.resharding.read_saved_run`) on ``world_size`` ranks.
+
+        Returns DeepSpeed's client state, this rank's extras (``rng``, ``task``) and every old
+        rank's saved data-stream state. On another world size at ZeRO 1-3 the universal
+        checkpoint must exist (converted beforehand) and the engine must have been built with
+        ``"checkpoint": {"load_universal": true}``; the flag is cleared after this load.
+        """
+        tag = saved.tag
+        if needs_universal(saved, world_size):
+            folder = universal_folder(self.directory, tag)
+            if not engine.load_universal_checkpoint():
+                raise RuntimeError("a universal load needs the engine built with load_universal")
+            load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=tag)
+            engine._config.load_universal_checkpoint = False  # later loads are plain ones
+            _restore_buffers(engine, folder)
+            if engine.zero_optimization_stage() == 3:
+                _restore_group_hyperparameters(engine, folder)
+        else:
+            load_path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.directory / tag}")
         if engine.zero_optimization_stage() == 3:
@@ -161,13 +246,23 @@ class Checkpointer:
             # every later backward failed with "tracing error ... expected the next 1
             # parameters in the parameter fetch queue". Partition them again first.
             engine.empty_partition_cache()
-        rank_file = self._rank_file(tag)
-        if not rank_file.is_file():
-            raise RuntimeError(
-                f"{rank_file} is missing: the checkpoint was written by a different world size"
-            )
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        # A rank that did not exist in the old run takes the RNG and task state (EMA: the same
+        # on every rank, ZeRO-3 has none) of old rank ``rank mod old_world``: its random
+        # stream then repeats that rank's, which only matters for augmentation and dropout.
+        own = self.rank % saved.world_size
+        rank_state: dict = {}
+        streams: list[dict] = []
+        for old_rank in range(saved.world_size):
+            rank_file = self._rank_file(tag, old_rank)
+            if not rank_file.is_file():
+                raise RuntimeError(f"{rank_file} is missing: {tag} is incomplete")
+            # Other ranks' files are memory-mapped: only their stream state is read.
+            state = torch.load(rank_file, map_location="cpu", weights_only=True,
+                               mmap=old_rank != own)
+            streams.append(state.pop("data"))
+            if old_rank == own:
+                rank_state = state
         best = self.directory / tag / BEST_FILE
         if best.is_file():  # the evaluation after this checkpoint improved the best
             client_state = {**client_state, "best": json.loads(best.read_text())}
-        return client_state, rank_state
+        return client_state, rank_state, streams

@@ -94,10 +94,27 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: Schema[
     if args.eval_only is not None:
         return _evaluate_only(task, cfg, args.eval_only, run_dir, kind)
 
+    from pretrain.engine.resharding import ResumeRefused, prepare_resume
+
+    try:  # the checkpoint's batch split and world size, before any process group
+        requested = (cfg.data.batch_size, cfg.train.grad_accum)
+        cfg, notes = prepare_resume(cfg, run_dir, _launch_world_size(), _launch_rank())
+    except ResumeRefused as error:
+        # Every rank reaches the same verdict from the same files; rank 0 says it and exits
+        # 2. The others end quietly with 0: DeepSpeed's launcher kills every rank as soon as
+        # one exits non-zero, which could kill rank 0 before it has printed why.
+        if _launch_rank() != 0:
+            return 0
+        print(f"resume refused: {error}", file=sys.stderr)
+        return 2
+    if _launch_rank() == 0:
+        for line in notes:
+            print(line, flush=True)
+
     from pretrain.engine.trainer import Trainer  # DeepSpeed's import: only when training
 
     try:
-        outcome = Trainer(cfg, task(cfg), run_dir).train()
+        outcome = Trainer(cfg, task(cfg), run_dir, requested_batch=requested).train()
     except TrainingAborted as error:
         if error.printed_by(_launch_rank()):  # one voice: not one line per rank
             print(f"training aborted: {error}", file=sys.stderr)
@@ -105,6 +122,11 @@ def run_job(argv: list[str] | None, description: str, kind: str, schema: Schema[
     if _launch_rank() == 0:
         print(f"{kind} {outcome} in {run_dir}")
     return 0
+
+
+def _launch_world_size() -> int:
+    """The number of ranks the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _launch_rank() -> int:

@@ -19,6 +19,12 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from data_tools.files import atomic_write_text
@@ -37,10 +43,19 @@ from pretrain.engine.config import JobConfig, save_config
 from pretrain.engine.deepspeed_config import deepspeed_config
 from pretrain.engine.errors import TrainingAborted
 from pretrain.engine.host_memory import keep_freed_host_memory
+from pretrain.engine.resharding import (
+    SavedRun,
+    ceil_steps,
+    convert_to_universal,
+    needs_universal,
+    read_saved_run,
+    schedule_offset,
+    universal_complete,
+)
 from pretrain.engine.run_log import MetricsLogger, peak_memory_gb, write_eval_json
 from pretrain.engine.schedule import resolve_schedule
 from pretrain.engine.skipped import SKIPPED_FILE
-from pretrain.engine.stream import StreamState
+from pretrain.engine.stream import StreamState, resume_stream_state
 from pretrain.engine.task import (
     Batch,
     Evaluator,
@@ -76,28 +91,52 @@ def undo_optimizer_warm_up_step(engine: Any) -> None:
 
 
 class Trainer:
-    """Runs a task's schedule of optimizer steps under DeepSpeed."""
+    """Runs a task's schedule of optimizer steps under DeepSpeed.
 
-    def __init__(self, cfg: JobConfig, task: Task, run_dir: Path) -> None:
+    ``cfg``'s batch split is the one to run with: on a world-size change the entry point has
+    already made it keep the checkpoint's global batch
+    (:func:`pretrain.engine.resharding.batch_split`) and, at ZeRO 1-3, converted the checkpoint
+    to a universal one (the trainer converts it itself, rank 0 while the others wait at a
+    barrier, when it was not). ``RUN_DIR/config.yaml`` and ``deepspeed.json`` are written once
+    this launch has completed its first optimizer step, so a launch that fails before that
+    (a refused resume, a crash) leaves the run directory describing its checkpoints.
+    """
+
+    def __init__(self, cfg: JobConfig, task: Task, run_dir: Path,
+                 requested_batch: tuple[int, int] | None = None) -> None:
         launcher = os.getppid()
         self.cfg, self.task = cfg, task
         self.run_dir = Path(run_dir)
         distributed.init_distributed(cfg.deepspeed.backend, cfg.train.collective_timeout)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
+        checkpoints = self.run_dir / "checkpoints"
+        self.saved: SavedRun | None = read_saved_run(checkpoints)
         self.micro_batch = cfg.data.batch_size
+        # (data.batch_size, train.grad_accum) as the config asked, before any re-split
+        self.requested_batch = requested_batch or (self.micro_batch, cfg.train.grad_accum)
         self.global_batch = self.micro_batch * cfg.train.grad_accum * self.world_size
         self.schedule = resolve_schedule(cfg.schedule, task.epoch_samples(), self.global_batch)
-        self.total_steps = self.schedule.total_steps
+        # After a deliberate change of the global batch the schedule continues by samples
+        # seen: it is read at step + offset (resharding.schedule_offset; 0 otherwise).
+        self.schedule_offset = schedule_offset(self.saved, self.global_batch)
+        self.total_steps = ceil_steps(self.schedule.total_steps, self.schedule_offset)
         precision = cfg.deepspeed
         if task.autocast:  # the module autocasts its own forward; DeepSpeed keeps fp32 weights
             precision = precision.model_copy(update={"precision": "fp32"})
         self.ds_config = deepspeed_config(precision, cfg.optimizer, cfg.train.grad_accum,
                                           self.micro_batch, self.world_size)
+        self._run_files_written = False
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            atomic_write_text(self.run_dir / "deepspeed.json", json.dumps(self.ds_config, indent=2))
+        init_config = self.ds_config
+        if needs_universal(self.saved, self.world_size):
+            if not universal_complete(checkpoints, self.saved.tag):
+                if self.is_main:
+                    convert_to_universal(checkpoints, self.saved)
+                distributed.barrier()
+            # DeepSpeed's universal loading, for the resume only (Checkpointer.load clears it)
+            init_config = {**self.ds_config, "checkpoint": {"load_universal": True}}
 
         if cfg.deepspeed.zero_stage == 0 and get_accelerator().device_name() == "cpu":
             keep_freed_host_memory()  # pays at stage 0 only (engine/host_memory.py)
@@ -105,9 +144,10 @@ class Trainer:
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config,
                                  enabled=cfg.deepspeed.zero_stage == 3):
             module = task.build_module()
+        offset, factor = self.schedule_offset, self.schedule.factor
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=task.param_groups(module), config=self.ds_config,
-            lr_scheduler=self.schedule.scheduler)
+            model=module, model_parameters=task.param_groups(module), config=init_config,
+            lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda s: factor(s + offset)))
         undo_optimizer_warm_up_step(self.engine)
         torch.manual_seed(cfg.train.seed + 1 + self.rank)  # per-rank stochastic depth etc.
         self.device = self.engine.device
@@ -121,6 +161,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                          self.rank)
         self.step = 0
+        self.samples_seen = 0
         self.nonfinite_batches = 0  # dropped micro-batches, over the whole run
         self.nonfinite_in_a_row = 0
         self.best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the best eval
@@ -144,40 +185,82 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self, num_workers: int) -> StreamState:
-        """Restore the latest checkpoint of this run directory, if any."""
-        restored = self.checkpointer.load(self.engine)
-        if restored is None:
+        """Restore the latest checkpoint of this run directory, if any. A stream layout the
+        checkpoint cannot continue ends the job in one line, before "resumed"."""
+        saved = self.saved
+        if saved is None:
             return StreamState.fresh(num_workers)
-        client_state, rank_state = restored
+        client_state, rank_state, streams = self.checkpointer.load(self.engine, saved,
+                                                                   self.world_size)
+        try:
+            stream = resume_stream_state(streams, saved.world_size, self.rank, self.world_size,
+                                         num_workers)
+        except ValueError as error:  # every rank reaches the same verdict
+            raise TrainingAborted(f"cannot resume {saved.tag}: {error}", every_rank=True
+                                  ) from None
         self.step = int(client_state["step"])
+        # Counted, not recomputed: the global batch may have changed since (resharding.py).
+        self.samples_seen = int(client_state.get("samples_seen", saved.samples_seen))
         self.nonfinite_batches = int(client_state.get("nonfinite_batches", 0))
         self.best = client_state.get("best")
         self.checkpointer.protected = self._best_tag()
+        self._align_learning_rates()
         restore_rng_state(rank_state["rng"])
         self.task.load_state_dict(rank_state.get("task", {}))
         if self.is_main:
-            print(f"resumed from {self.checkpointer.latest_tag()} at step {self.step}")
-        return StreamState.from_dict(rank_state["data"])
+            print(f"resumed from {saved.tag} at step {self.step}")
+        return stream
+
+    def _align_learning_rates(self) -> None:
+        """Set every parameter group's lr to the schedule's value at the restored step.
+
+        The optimizer's restored lr is the one of the step before; a universal load restores
+        the param groups from its own copy (DeepSpeed issue 6691), and after a change of the
+        global batch the schedule position moved. Recomputing it from the scheduler (base lr
+        x factor) makes the first resumed step use what an uninterrupted run would use.
+        """
+        scheduler = self.engine.lr_scheduler
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        lrs = [base * factor for base in scheduler.base_lrs]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
 
     def _best_tag(self) -> str | None:
         return tag_for(self.best["step"]) if self.best is not None else None
 
     def save(self) -> None:
         client_state = {"step": self.step, "samples_seen": self.samples_seen,
-                        "nonfinite_batches": self.nonfinite_batches, "best": self.best}
+                        "global_batch": self.global_batch,
+                        "nonfinite_batches": self.nonfinite_batches, "best": self.best,
+                        # what DeepSpeed's ds_to_universal requires (no tensor/pipeline
+                        # parallelism here: only the format's version)
+                        UNIVERSAL_CHECKPOINT_INFO: {
+                            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         if self.cfg.deepspeed.zero_stage == 0:
             client_state["param_names"] = optimizer_param_names(self.engine)
         rank_state = {"rng": capture_rng_state(), "data": self.loader.state_dict(),
                       "task": self.task.state_dict()}
-        self.checkpointer.save(self.engine, self.step, client_state, rank_state)
+        run_state = SavedRun(tag=tag_for(self.step), step=self.step,
+                             samples_seen=self.samples_seen, global_batch=self.global_batch,
+                             micro_batch=self.micro_batch, grad_accum=self.cfg.train.grad_accum,
+                             world_size=self.world_size,
+                             zero_stage=self.cfg.deepspeed.zero_stage,
+                             requested_micro_batch=self.requested_batch[0],
+                             requested_grad_accum=self.requested_batch[1])
+        self.checkpointer.save(self.engine, self.step, client_state, rank_state, run_state)
+
+    def _write_run_files(self) -> None:
+        """Rank 0, once this launch's first optimizer step is done: the config it runs with."""
+        self._run_files_written = True
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            atomic_write_text(self.run_dir / "deepspeed.json", json.dumps(self.ds_config, indent=2))
 
     # ------------------------------------------------------------------ loop
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_signal = signum
-
-    @property
-    def samples_seen(self) -> int:
-        return self.step * self.global_batch
 
     def train(self) -> str:
         """Run to the schedule's last step; returns ``"completed"`` or ``"preempted"``."""
@@ -207,6 +290,9 @@ class Trainer:
             while self.step < self.total_steps:
                 loss, parts, stop = self.train_step(window)
                 self.step += 1
+                self.samples_seen += self.global_batch
+                if not self._run_files_written:
+                    self._write_run_files()
                 self.task.after_optimizer_step(self.engine.module, self.step)
                 bar.update(1)
                 window.add_loss(loss, parts)
