@@ -373,23 +373,16 @@ def _aborted(message: str) -> Exception:
 
 def resume_stream_state(saved_streams: list[dict[str, Any]], old_world: int, rank: int,
                         world: int, workers: int) -> StreamState:
-    """Rank ``rank``'s stream position on resume, from every old rank's saved stream state.
-
-    ``saved_streams[r]`` is old rank ``r``'s :meth:`StreamState.to_dict` (all ``old_world`` of
-    them, so a re-deal of the positions onto a new layout has everything it needs). Supported:
-    the same layout, i.e. the same world size and the same number of data workers per rank
-    (``max(1, workers)``), where rank ``rank`` continues exactly its own saved position. A
-    changed layout raises :class:`ValueError` with a one-line message naming what changed.
-    """
+    """Rank ``rank``'s stream position on resume, from every old rank's saved stream state
+    (``saved_streams[r]``: old rank ``r``'s :meth:`StreamState.to_dict`). On the same layout
+    (world size and data workers per rank) the rank continues exactly its own position; on
+    another, the stream re-deals all of them to the new layout when it is built
+    (:meth:`ResumableStream.carry_over`; the guarantee is in docs/cluster.md)."""
     if len(saved_streams) != old_world:
         raise ValueError(f"the checkpoint holds {len(saved_streams)} ranks' stream positions, "
                          f"expected {old_world}")
-    if world != old_world:
-        raise ValueError(f"the data streams of {old_world} ranks cannot yet be re-dealt to "
-                         f"{world} ranks: resume on {old_world} ranks")
-    state = StreamState.from_dict(saved_streams[rank])
-    if len(state.workers) != max(1, workers):
-        raise ValueError(f"the checkpoint's data streams have {len(state.workers)} workers per "
-                         f"rank, the config asks for data.workers={workers}: resume with "
-                         f"--set data.workers={len(state.workers)}")
-    return state
+    if world == old_world:
+        state = StreamState.from_dict(saved_streams[rank])
+        if len(state.workers) == max(1, workers):
+            return state
+    return StreamState.on_new_layout(saved_streams)

@@ -8,9 +8,8 @@ OUT_DIR receives ``resumed/`` (the engine's state saved by DeepSpeed the moment 
 with the universal checkpoint info, so it can be converted and compared), ``universal/`` (its
 conversion, ZeRO 1-3) and ``state.json`` (step, samples_seen, lrs, best, the notes printed).
 
-The data streams are not part of what is compared: a world-size change cannot re-deal them yet
-(``pretrain.engine.stream.resume_stream_state`` refuses it), so this helper stands in a fresh
-stream for that one call.
+The data streams are re-dealt to the new layout as in a real resume (tests/test_stream_layouts.py
+checks what they then read).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from pretrain.engine import resharding  # noqa: E402
 from pretrain.engine.checkpoint import fp32_state_dict, optimizer_param_names  # noqa: E402
 from pretrain.engine.config import load_config  # noqa: E402
 from pretrain.engine.distributed import barrier  # noqa: E402
-from pretrain.engine.stream import StreamState  # noqa: E402
 
 
 def main() -> None:
@@ -48,8 +46,6 @@ def main() -> None:
         cfg = load_config(FinetuneConfig, run_dir / "config.yaml")
         task_class = finetune_task(cfg)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    fresh_stream = lambda streams, old, rank, world, workers: StreamState.fresh(workers)  # noqa
-    resharding.resume_stream_state = trainer_module.resume_stream_state = fresh_stream
     requested = (cfg.data.batch_size, cfg.train.grad_accum)
     cfg, notes = resharding.prepare_resume(cfg, run_dir, world, rank)
     trainer = trainer_module.Trainer(cfg, task_class(cfg), run_dir, requested)
