@@ -271,18 +271,16 @@ def _run_files(run_dir: Path) -> dict[str, str]:
 
 def test_refused_resumes_change_nothing_and_say_so_once(shape_shards: dict,
                                                         tmp_path: Path) -> None:
-    """A global batch 5 ranks cannot split, a changed data.workers, and (until the streams can
-    be re-dealt) a stream layout of 2 ranks on 1: each refused in one line by one rank, before
-    any "resumed", leaving config.yaml, deepspeed.json and every checkpoint file as they were
-    (no universal conversion either)."""
+    """A global batch 5 ranks cannot split, and a new world size together with a new ZeRO
+    stage: each refused in one line by one rank, before any "resumed", leaving config.yaml,
+    deepspeed.json and every checkpoint file as they were (no universal conversion either)."""
     run_dir = tmp_path / "run"
     args = _args(run_dir, shape_shards["train"], "--set", "deepspeed.zero_stage=1")
     run_deepspeed("pretrain.py", args)  # global batch 12
     before = _run_files(run_dir)
     attempts = [
         (5, [], "which 5 ranks cannot split evenly"),
-        (2, ["--set", "data.workers=3"], "the config asks for data.workers=3"),
-        (1, [], "the data streams of 2 ranks cannot yet be re-dealt to 1 ranks"),
+        (1, ["--set", "deepspeed.zero_stage=2"], "change the world size or the ZeRO stage"),
     ]
     for ranks, extra, message in attempts:
         result = run_deepspeed("pretrain.py", [*args, *extra], ranks=ranks, check=False)
@@ -293,6 +291,38 @@ def test_refused_resumes_change_nothing_and_say_so_once(shape_shards: dict,
         assert "Traceback" not in output and "resumed from" not in output
         assert _run_files(run_dir) == before
     assert not (run_dir / "checkpoints" / "universal").exists()
+
+
+@pytest.mark.parametrize(("ranks", "workers"), [
+    (3, 1), (2, 2), pytest.param(1, 1, marks=pytest.mark.slow)])
+def test_a_run_resumed_on_another_layout_trains_to_the_end(
+        ranks: int, workers: int, shape_shards: dict, tmp_path: Path) -> None:
+    """Written by 2 ranks x 1 data worker, resumed by the same command on 3 ranks, on 1, or
+    with 2 workers per rank: the run trains to its end, samples_seen continues from the saved
+    value, the global batch is kept, and the streams were re-dealt (each new slot's stream
+    is seeded as its stream says: carried over, or new)."""
+    from pretrain.engine.run_log import read_training_metrics
+
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, shape_shards["train"], "--set", "deepspeed.zero_stage=1",
+                 "--set", "deepspeed.precision=fp32", "--set", "data.workers=1")
+    run_deepspeed("pretrain.py", args)  # 3 steps x 12
+    result = run_deepspeed("pretrain.py", [*args, "--set", "schedule.steps=6",
+                                           "--set", f"data.workers={workers}"], ranks=ranks)
+    assert "pretrain completed" in result.stdout
+    records = read_training_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["samples_seen"] for r in records] == [12 * step for step in range(1, 7)]
+    tag = run_dir / "checkpoints" / "step_00000006"
+    saved = json.loads((tag / "run_state.json").read_text())
+    assert saved["world_size"] == ranks and saved["global_batch"] == 12
+    streams = [torch.load(tag / f"rank_{rank:05d}.pt", weights_only=True)["data"]["workers"]
+               for rank in range(ranks)]
+    slots = [worker["stream"] for rank in streams for worker in rank]
+    assert len(slots) == ranks * workers
+    old = [[0, 0], [1, 0]][:len(slots)]
+    assert slots[:2] == old  # the old slots continue where they stood
+    assert all(slot[0] < 0 for slot in slots[2:])  # new slots: new streams
 
 
 def test_deliberate_batch_change_continues_by_samples_seen(shape_shards: dict,
