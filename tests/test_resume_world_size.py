@@ -367,3 +367,42 @@ def test_batch_split_keeps_the_global_batch_or_names_the_options() -> None:
     assert batch_split(resplit, 4, 32, 1) == (32, 1)  # back on 4 ranks: the split asked for
     assert schedule_offset(saved, 128) == 0
     assert schedule_offset(saved, 256) == 1024 / 256 - 8  # doubled: the schedule at 4, not 8
+
+
+@pytest.mark.parametrize("ranks", [3, pytest.param(1, marks=pytest.mark.slow)])
+def test_an_imagefolder_epoch_continues_on_another_world_size(ranks: int,
+                                                              tmp_path: Path) -> None:
+    """Classification on an ImageFolder, interrupted after half an epoch on 2 ranks and resumed
+    on 3 (or 1) to the end of it: the saved stream states say that every position of the
+    epoch, hence every image, was read exactly once (the items themselves are checked by
+    tests/test_stream_layouts.py through the same stream)."""
+    from data_tools.imagefolder_synthetic import write_synthetic_imagefolder
+    from pretrain.engine.deal import Deal
+    from tests.jobs import TINY_ENCODER
+
+    root = tmp_path / "imagenet"
+    write_synthetic_imagefolder(root / "train", num_classes=4, per_class=12, seed=0,
+                                image_size=16)
+    write_synthetic_imagefolder(root / "val", num_classes=4, per_class=3, seed=1,
+                                image_size=16)
+    run_dir = tmp_path / "run"
+    args = ["--config", "demo_shapes", "--run-dir", str(run_dir), *TINY_ENCODER,
+            "--set", "data.layout=imagefolder", "--set", f"data.train={root / 'train'}",
+            "--set", f"data.val={root / 'val'}", "--set", "data.classes=null",
+            "--set", "data.num_classes=4", "--set", "data.image_size=32",
+            "--set", "data.batch_size=6", "--set", "data.workers=1",
+            "--set", "schedule.warmup_steps=1", "--set", "eval.enabled=false",
+            "--set", "ema.enabled=false", "--set", "log.every=1",
+            "--set", "deepspeed.zero_stage=1"]
+    run_deepspeed("finetune.py", [*args, "--set", "schedule.steps=2"])  # 24 of 48 images
+    run_deepspeed("finetune.py", [*args, "--set", "schedule.steps=4"], ranks=ranks)
+    tag = run_dir / "checkpoints" / "step_00000004"
+    states = [torch.load(tag / f"rank_{rank:05d}.pt", weights_only=True)["data"]
+              for rank in range(ranks)]
+    deal = Deal.from_dict(states[0]["deal"])
+    assert deal.slots == ranks and deal.base >= 24 - 2 * 6  # continued, not restarted
+    read = [deal.position(rank, step) for rank, state in enumerate(states)
+            for step in range(state["workers"][0]["consumed"])
+            if not deal.taken_earlier(deal.position(rank, step))]
+    earlier = [p for p in range(48) if deal.taken_earlier(p)]
+    assert sorted(read + earlier) == list(range(48))  # the epoch, each position once
