@@ -57,8 +57,11 @@ def _assert_same_optimizer_state(original: Path, resumed: Path) -> None:
     assert names == sorted(p.name for p in (resumed / "zero").iterdir() if p.is_dir())
     for name in names:
         for state in ("fp32", "exp_avg", "exp_avg_sq", "step"):  # step: Adam's count
-            if state == "step" and not (original / "zero" / name / "step.pt").is_file():
-                continue  # ZeRO-3: in optimizer_state.pt
+            if not (original / "zero" / name / f"{state}.pt").is_file():
+                # ZeRO-3 keeps Adam's step in optimizer_state.pt; a frozen parameter has
+                # no optimizer state, only fp32.pt
+                assert not (resumed / "zero" / name / f"{state}.pt").is_file()
+                continue
             a, b = (_universal_tensor(f / "zero" / name / f"{state}.pt")
                     for f in (original, resumed))
             assert torch.equal(a, b), (name, state)
