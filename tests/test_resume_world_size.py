@@ -57,8 +57,11 @@ def _assert_same_optimizer_state(original: Path, resumed: Path) -> None:
     assert names == sorted(p.name for p in (resumed / "zero").iterdir() if p.is_dir())
     for name in names:
         for state in ("fp32", "exp_avg", "exp_avg_sq", "step"):  # step: Adam's count
-            if state == "step" and not (original / "zero" / name / "step.pt").is_file():
-                continue  # ZeRO-3: in optimizer_state.pt
+            if not (original / "zero" / name / f"{state}.pt").is_file():
+                # ZeRO-3 keeps Adam's step in optimizer_state.pt; a frozen parameter has
+                # no optimizer state, only fp32.pt
+                assert not (resumed / "zero" / name / f"{state}.pt").is_file()
+                continue
             a, b = (_universal_tensor(f / "zero" / name / f"{state}.pt")
                     for f in (original, resumed))
             assert torch.equal(a, b), (name, state)
@@ -347,6 +350,18 @@ def test_deliberate_batch_change_continues_by_samples_seen(shape_shards: dict,
     assert saved["samples_seen"] == 156 and saved["global_batch"] == 24
     config = (run_dir / "config.yaml").read_text()
     assert "batch_size: 12" in config  # written once the new launch took its first step
+    # The lr logged at step k is the one of step k + 1: the schedule resolved for 24 per step,
+    # read at k + (36 / 24 - 3) after the change (engine.md, "Counters and schedule")
+    from pretrain.config import PretrainConfig
+    from pretrain.engine.config import load_config
+    from pretrain.engine.schedule import resolve_schedule
+
+    schedule = resolve_schedule(load_config(PretrainConfig, run_dir / "config.yaml").schedule,
+                                None, 24)
+    lr = {r["step"]: r["lr"] for r in records}
+    for step in range(5, 8):
+        expected = schedule.factor(step - 1.5) / schedule.factor(4 - 1.5)
+        assert lr[step] / lr[4] == pytest.approx(expected, rel=1e-9), step
 
 
 def test_batch_split_keeps_the_global_batch_or_names_the_options() -> None:
