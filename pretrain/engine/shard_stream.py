@@ -6,13 +6,16 @@ Design points:
 * Shards are drawn with replacement from the mixture by a generator seeded per (seed, rank,
   worker), so every rank and worker has an endless stream whatever the number of shards, and
   every rank runs the same number of steps (no hang when shards < ranks x workers).
-* The stream is exactly resumable. Everything random is seeded: the shard draw, the shuffle
-  buffer, and each sample's augmentation (seeded from its index in the worker's stream). A
-  worker's position is therefore one number, ``consumed`` (samples taken from its shuffled
-  stream); on resume the worker replays its stream up to that point *without decoding*, which
-  reproduces the shuffle buffer and costs only tar reading. What every stream shares (the
-  logical workers, the seeding, the batches' positions, giving up in one line) is
-  :class:`pretrain.engine.stream.ResumableStream`'s.
+* The stream is exactly resumable, in constant time. Everything random is seeded: the shard
+  draw, the shuffle buffer (webdataset's algorithm, :mod:`pretrain.engine.shuffle`), and each
+  sample's augmentation (seeded from its index in the worker's stream). A worker's position
+  holds ``consumed`` (samples taken), the draw generator's state, the shard being read and how
+  far, the shuffle generator's state and a reference to every sample in the shuffle buffer
+  (draw, member, byte span in the tar). A resume refills the buffer from those references,
+  reading a local shard's samples alone at their spans (a remote shard up to the last sample
+  it needs), and goes on from there: it never re-reads what the worker consumed. What every
+  stream shares (the logical workers, the seeding, the batches' positions, giving up in one
+  line) is :class:`pretrain.engine.stream.ResumableStream`'s.
 * Bad samples (undecodable image, missing caption, unreadable shard) are skipped and counted;
   the counts travel with every batch and are logged.
 * Shards may be remote (``http(s)://``, ``s3://``, ``pipe:``; :mod:`data_tools.remote`): every
@@ -20,8 +23,7 @@ Design points:
   counted, named on stderr and in ``RUN_DIR/skipped.jsonl``, and never opened again by that
   worker: later draws of it are skipped at once, and the set of such shards (with the draw
   that gave up on each) is part of the worker's saved position, so a resumed run neither
-  waits for it again nor draws differently. (A shard that broke mid-way had yielded some
-  samples; a resumed run skips it whole from that draw on, so its replay can differ there.)
+  waits for it again nor draws differently.
 * A shard set that can no longer yield a sample ends the run instead of hanging it (drawing
   with replacement would otherwise loop forever without a batch): once every shard of the set
   (at most ``GIVE_UP_AFTER_SHARDS`` distinct ones) has been drawn since the set's last good
@@ -149,8 +151,7 @@ class StreamStalled(StreamGaveUp):
 class _SetWatch:
     """Notices a shard set that yields nothing, per the rule in the module docstring.
 
-    Everything counts from the set's last sign of life (a good sample; while replaying to a
-    resume point, any sample): which of its shards were drawn, how many samples were read from
+    Everything counts from the set's last sign of life (a good sample): which of its shards were drawn, how many samples were read from
     them, how many of its samples failed to decode. Draws are in order with the reads (a shard
     is read to its end before the next draw), decodes lag behind by the shuffle buffer, which
     is why a raw sample is tagged with its set.
