@@ -151,10 +151,11 @@ class StreamStalled(StreamGaveUp):
 class _SetWatch:
     """Notices a shard set that yields nothing, per the rule in the module docstring.
 
-    Everything counts from the set's last sign of life (a good sample): which of its shards were drawn, how many samples were read from
-    them, how many of its samples failed to decode. Draws are in order with the reads (a shard
-    is read to its end before the next draw), decodes lag behind by the shuffle buffer, which
-    is why a raw sample is tagged with its set.
+    Everything counts from the set's last sign of life (a good sample): which of its shards
+    were drawn, how many samples were read from them, how many of its samples failed to
+    decode. Draws are in order with the reads (a shard is read to its end before the next
+    draw), decodes lag behind by the shuffle buffer, which is why a raw sample is tagged with
+    its set.
     """
 
     def __init__(self, shard_sets: list[ShardSet]) -> None:
