@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -144,12 +144,13 @@ def _aborted(message: str) -> Exception:
 
 
 
-def resume_stream_state(saved_streams: list[dict[str, Any]], old_world: int, rank: int,
+def resume_stream_state(saved_streams: Sequence[dict[str, Any]], old_world: int, rank: int,
                         world: int, workers: int) -> StreamState:
     """Rank ``rank``'s stream position on resume, from every old rank's saved stream state.
 
     ``saved_streams[r]`` is old rank ``r``'s :meth:`StreamState.to_dict` (all ``old_world`` of
-    them, so a re-deal of the positions onto a new layout has everything it needs). Supported:
+    them, so a re-deal of the positions onto a new layout has everything it needs; the
+    checkpoint's sequence reads each one from its file on first access). Supported:
     the same layout, i.e. the same world size and the same number of data workers per rank
     (``max(1, workers)``), where rank ``rank`` continues exactly its own saved position. A
     changed layout raises :class:`ValueError` with a one-line message naming what changed.
