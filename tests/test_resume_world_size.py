@@ -274,15 +274,16 @@ def _run_files(run_dir: Path) -> dict[str, str]:
 
 def test_refused_resumes_change_nothing_and_say_so_once(shape_shards: dict,
                                                         tmp_path: Path) -> None:
-    """A global batch 5 ranks cannot split, and a new world size together with a new ZeRO
+    """A global batch 3 ranks cannot split, and a new world size together with a new ZeRO
     stage: each refused in one line by one rank, before any "resumed", leaving config.yaml,
     deepspeed.json and every checkpoint file as they were (no universal conversion either)."""
     run_dir = tmp_path / "run"
-    args = _args(run_dir, shape_shards["train"], "--set", "deepspeed.zero_stage=1")
-    run_deepspeed("pretrain.py", args)  # global batch 12
+    args = _args(run_dir, shape_shards["train"], "--set", "deepspeed.zero_stage=1",
+                 "--set", "data.batch_size=5")
+    run_deepspeed("pretrain.py", args)  # global batch 10
     before = _run_files(run_dir)
     attempts = [
-        (5, [], "which 5 ranks cannot split evenly"),
+        (3, [], "which 3 ranks cannot split evenly"),
         (1, ["--set", "deepspeed.zero_stage=2"], "change the world size or the ZeRO stage"),
     ]
     for ranks, extra, message in attempts:

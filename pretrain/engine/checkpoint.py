@@ -35,7 +35,9 @@ from pretrain.engine.resharding import (
     RUN_STATE_FILE,
     UNIVERSAL_DIR,
     SavedRun,
+    SavedStreams,
     needs_universal,
+    saved_streams,
     universal_folder,
 )
 
@@ -217,14 +219,15 @@ class Checkpointer:
             atomic_write_text(self.directory / "best", tag)
 
     def load(self, engine: Any, saved: SavedRun, world_size: int
-             ) -> tuple[dict, dict, list[dict]]:
+             ) -> tuple[dict, dict, SavedStreams]:
         """Restore checkpoint ``saved`` (the latest complete one, see
         :func:`~pretrain.engine.resharding.read_saved_run`) on ``world_size`` ranks.
 
         Returns DeepSpeed's client state, this rank's extras (``rng``, ``task``) and every old
-        rank's saved data-stream state. On another world size at ZeRO 1-3 the universal
-        checkpoint must exist (converted beforehand) and the engine must have been built with
-        ``"checkpoint": {"load_universal": true}``; the flag is cleared after this load.
+        rank's saved data-stream state (read on access). On another world size at ZeRO 1-3
+        the universal checkpoint must exist (converted beforehand) and the engine must have
+        been built with ``"checkpoint": {"load_universal": true}``; the flag is cleared after
+        this load.
         """
         tag = saved.tag
         if needs_universal(saved, world_size):
@@ -249,19 +252,12 @@ class Checkpointer:
         # A rank that did not exist in the old run takes the RNG and task state (EMA: the same
         # on every rank, ZeRO-3 has none) of old rank ``rank mod old_world``: its random
         # stream then repeats that rank's, which only matters for augmentation and dropout.
-        own = self.rank % saved.world_size
-        rank_state: dict = {}
-        streams: list[dict] = []
-        for old_rank in range(saved.world_size):
-            rank_file = self._rank_file(tag, old_rank)
-            if not rank_file.is_file():
-                raise RuntimeError(f"{rank_file} is missing: {tag} is incomplete")
-            # Other ranks' files are memory-mapped: only their stream state is read.
-            state = torch.load(rank_file, map_location="cpu", weights_only=True,
-                               mmap=old_rank != own)
-            streams.append(state.pop("data"))
-            if old_rank == own:
-                rank_state = state
+        own = self._rank_file(tag, self.rank % saved.world_size)
+        if not own.is_file():
+            raise RuntimeError(f"{own} is missing: {tag} is incomplete")
+        rank_state = torch.load(own, map_location="cpu", weights_only=True)
+        rank_state.pop("data")
+        streams = saved_streams(self.directory, saved)
         best = self.directory / tag / BEST_FILE
         if best.is_file():  # the evaluation after this checkpoint improved the best
             client_state = {**client_state, "best": json.loads(best.read_text())}

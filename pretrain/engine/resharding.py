@@ -28,6 +28,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -142,18 +143,33 @@ def schedule_offset(saved: SavedRun | None, global_batch: int) -> float:
     return saved.samples_seen / global_batch - saved.step
 
 
-def saved_streams(checkpoint_dir: Path, saved: SavedRun) -> list[dict[str, Any]]:
-    """Every old rank's saved data-stream state (``rank_*.pt``'s ``data``; memory-mapped, so
-    the rest of those files, e.g. an EMA copy of the weights, is not read)."""
-    import torch
+class SavedStreams(Sequence):
+    """Every old rank's saved data-stream state (``rank_*.pt``'s ``data``), read on first
+    access and memory-mapped (the rest of those files, e.g. an EMA copy of the weights, is not
+    read): resuming on the same layout reads one file per rank, not one per old rank."""
 
-    folder = Path(checkpoint_dir) / saved.tag
-    streams = []
-    for old_rank in range(saved.world_size):
-        state = torch.load(folder / f"rank_{old_rank:05d}.pt", map_location="cpu",
-                           weights_only=True, mmap=True)
-        streams.append(state["data"])
-    return streams
+    def __init__(self, folder: Path, old_world: int) -> None:
+        self.folder = Path(folder)
+        self.old_world = old_world
+        self._read: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return self.old_world
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not 0 <= index < self.old_world:
+            raise IndexError(index)
+        if index not in self._read:
+            import torch
+
+            state = torch.load(self.folder / f"rank_{index:05d}.pt", map_location="cpu",
+                               weights_only=True, mmap=True)
+            self._read[index] = state["data"]
+        return self._read[index]
+
+
+def saved_streams(checkpoint_dir: Path, saved: SavedRun) -> SavedStreams:
+    return SavedStreams(Path(checkpoint_dir) / saved.tag, saved.world_size)
 
 
 def needs_universal(saved: SavedRun | None, world: int) -> bool:

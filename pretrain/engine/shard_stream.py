@@ -42,7 +42,7 @@ import random
 import re
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import braceexpand
@@ -256,23 +256,22 @@ class ShardStream(ResumableStream):
         it (kept when a resume on another layout continues it elsewhere)."""
         return tuple(start.stream) if start.stream is not None else (self.rank, worker)
 
-    def carry_over(self, saved: list[StreamState]) -> StreamState:
+    def carry_over(self, saved: Sequence[StreamState]) -> StreamState:
         """This rank's positions on a new layout (ranks x workers): slot ``j`` continues the
         old layout's slot ``j`` (its draws, shuffle buffer and seeds, exactly); a slot the old
         layout lacked begins a new stream, seeded apart from every earlier one by the number
         of micro-batches at the change; an old slot beyond the new layout ends there (the
         samples waiting in its shuffle buffer are not read: with shards drawn with
         replacement that changes no guarantee, and nothing is ever read twice)."""
-        old = [position for state in saved for position in state.workers]
+        per_rank = len(saved[0].workers)
         generation = saved[0].micro_batches
         first = self.rank * self.num_workers
         workers = []
         for slot in range(first, first + self.num_workers):
-            if slot < len(old):
-                origin, worker = divmod(slot, len(saved[0].workers))
-                position = old[slot]
-                position.stream = list(self.identity(worker, position)) \
-                    if position.stream is not None else [origin, worker]
+            if slot < len(saved) * per_rank:
+                origin, worker = divmod(slot, per_rank)
+                position = saved[origin].workers[worker]
+                position.stream = position.stream or [origin, worker]
                 workers.append(position)
             else:
                 workers.append(WorkerPosition(stream=[-1 - generation, slot]))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,9 +66,9 @@ class StreamState:
     workers: list[WorkerPosition] = field(default_factory=lambda: [WorkerPosition()])
     # An epoch-based stream's deal over ranks x workers (pretrain.engine.deal.Deal).
     deal: dict[str, Any] | None = None
-    # Not saved: every old rank's saved state, when this run's layout (ranks x workers)
-    # differs from theirs; the stream continues them on the new layout (carry_over).
-    carried: list[StreamState] | None = None
+    # Not saved: every old rank's saved state (read on access), when this run's layout
+    # (ranks x workers) differs from theirs; the stream continues them on it (carry_over).
+    carried: Sequence[StreamState] | None = None
 
     @property
     def skipped(self) -> int:
@@ -85,10 +85,26 @@ class StreamState:
                    deal=data.get("deal"))
 
     @classmethod
-    def on_new_layout(cls, saved: list[dict[str, Any]]) -> StreamState:
+    def on_new_layout(cls, saved: Sequence[dict[str, Any]]) -> StreamState:
         """The state a rank starts from when the run resumes on another layout: the stream
         re-deals ``saved`` (every old rank's state, by rank) to it."""
-        return cls(workers=[], carried=[cls.from_dict(state) for state in saved])
+        return cls(workers=[], carried=_SavedStates(saved))
+
+
+class _SavedStates(Sequence):
+    """Old ranks' saved states, each converted when first used (a shard stream's new rank
+    needs only the old ranks whose slots it continues)."""
+
+    def __init__(self, saved: Sequence[dict[str, Any]]) -> None:
+        self.saved, self.cache = saved, {}
+
+    def __len__(self) -> int:
+        return len(self.saved)
+
+    def __getitem__(self, rank: int) -> StreamState:
+        if rank not in self.cache:
+            self.cache[rank] = StreamState.from_dict(self.saved[rank])
+        return self.cache[rank]
 
     @classmethod
     def fresh(cls, num_workers: int) -> StreamState:
@@ -181,7 +197,7 @@ class ResumableStream(IterableDataset):
         if len(self.state.workers) != self.num_workers:
             raise ValueError("stream state was saved with a different number of data workers")
 
-    def carry_over(self, saved: list[StreamState]) -> StreamState:
+    def carry_over(self, saved: Sequence[StreamState]) -> StreamState:
         """This rank's state on this layout, continuing ``saved`` (every old rank's)."""
         raise ValueError(f"{type(self).__name__} cannot continue on another layout")
 
@@ -266,7 +282,7 @@ class FileStream(ResumableStream):
             if not self.deal.taken_earlier(index):
                 yield taken, index
 
-    def carry_over(self, saved: list[StreamState]) -> StreamState:
+    def carry_over(self, saved: Sequence[StreamState]) -> StreamState:
         """The epoch continues on the new layout: :func:`pretrain.engine.deal.redeal` starts a
         deal over this layout's slots where the old slots left off, so every item of the
         epoch is still read once. Skip counts stay with the slot of the same number (folded
@@ -371,13 +387,14 @@ def _aborted(message: str) -> Exception:
 
 
 
-def resume_stream_state(saved_streams: list[dict[str, Any]], old_world: int, rank: int,
+def resume_stream_state(saved_streams: Sequence[dict[str, Any]], old_world: int, rank: int,
                         world: int, workers: int) -> StreamState:
     """Rank ``rank``'s stream position on resume, from every old rank's saved stream state
-    (``saved_streams[r]``: old rank ``r``'s :meth:`StreamState.to_dict`). On the same layout
-    (world size and data workers per rank) the rank continues exactly its own position; on
-    another, the stream re-deals all of them to the new layout when it is built
-    (:meth:`ResumableStream.carry_over`; the guarantee is in docs/cluster.md)."""
+    (``saved_streams[r]``: old rank ``r``'s :meth:`StreamState.to_dict`, read from its file on
+    first access). On the same layout (world size and data workers per rank) the rank
+    continues exactly its own position; on another, the stream re-deals them to the new layout
+    when it is built (:meth:`ResumableStream.carry_over`, which reads only the old ranks it
+    needs; the guarantee is in docs/cluster.md)."""
     if len(saved_streams) != old_world:
         raise ValueError(f"the checkpoint holds {len(saved_streams)} ranks' stream positions, "
                          f"expected {old_world}")
