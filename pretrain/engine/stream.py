@@ -90,6 +90,10 @@ class StreamState:
         re-deals ``saved`` (every old rank's state, by rank) to it."""
         return cls(workers=[], carried=_SavedStates(saved))
 
+    @classmethod
+    def fresh(cls, num_workers: int) -> StreamState:
+        return cls(workers=[WorkerPosition() for _ in range(max(1, num_workers))])
+
 
 class _SavedStates(Sequence):
     """Old ranks' saved states, each converted when first used (a shard stream's new rank
@@ -105,10 +109,6 @@ class _SavedStates(Sequence):
         if rank not in self.cache:
             self.cache[rank] = StreamState.from_dict(self.saved[rank])
         return self.cache[rank]
-
-    @classmethod
-    def fresh(cls, num_workers: int) -> StreamState:
-        return cls(workers=[WorkerPosition() for _ in range(max(1, num_workers))])
 
 
 @dataclass
