@@ -297,18 +297,20 @@ def test_refused_resumes_change_nothing_and_say_so_once(shape_shards: dict,
     assert not (run_dir / "checkpoints" / "universal").exists()
 
 
-@pytest.mark.parametrize(("ranks", "workers"), [
-    (3, 1), (2, 2), pytest.param(1, 1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("stage", "ranks", "workers"), [
+    (1, 3, 1), (1, 2, 2),
+    *[pytest.param(stage, ranks, 1, marks=pytest.mark.slow)
+      for stage, ranks in [(0, 1), (0, 3), (1, 1), (2, 1), (2, 3), (3, 1), (3, 3)]]])
 def test_a_run_resumed_on_another_layout_trains_to_the_end(
-        ranks: int, workers: int, shape_shards: dict, tmp_path: Path) -> None:
-    """Written by 2 ranks x 1 data worker, resumed by the same command on 3 ranks, on 1, or
-    with 2 workers per rank: the run trains to its end, samples_seen continues from the saved
+        stage: int, ranks: int, workers: int, shape_shards: dict, tmp_path: Path) -> None:
+    """Written by 2 ranks x 1 data worker at each ZeRO stage, resumed by the same command on
+    3 ranks, on 1, or with 2 workers per rank: the run trains to its end, samples_seen continues from the saved
     value, the global batch is kept, and the streams were re-dealt (each new slot's stream
     is seeded as its stream says: carried over, or new)."""
     from pretrain.engine.run_log import read_training_metrics
 
     run_dir = tmp_path / "run"
-    args = _args(run_dir, shape_shards["train"], "--set", "deepspeed.zero_stage=1",
+    args = _args(run_dir, shape_shards["train"], "--set", f"deepspeed.zero_stage={stage}",
                  "--set", "deepspeed.precision=fp32", "--set", "data.workers=1")
     run_deepspeed("pretrain.py", args)  # 3 steps x 12
     result = run_deepspeed("pretrain.py", [*args, "--set", "schedule.steps=6",
