@@ -304,9 +304,9 @@ def test_refused_resumes_change_nothing_and_say_so_once(shape_shards: dict,
 def test_a_run_resumed_on_another_layout_trains_to_the_end(
         stage: int, ranks: int, workers: int, shape_shards: dict, tmp_path: Path) -> None:
     """Written by 2 ranks x 1 data worker at each ZeRO stage, resumed by the same command on
-    3 ranks, on 1, or with 2 workers per rank: the run trains to its end, samples_seen continues from the saved
-    value, the global batch is kept, and the streams were re-dealt (each new slot's stream
-    is seeded as its stream says: carried over, or new)."""
+    3 ranks, on 1, or with 2 workers per rank: the run trains to its end, samples_seen
+    continues from the saved value, the global batch is kept, and the streams were re-dealt
+    (each new slot's stream is seeded as its stream says: carried over, or new)."""
     from pretrain.engine.run_log import read_training_metrics
 
     run_dir = tmp_path / "run"
