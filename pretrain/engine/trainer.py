@@ -170,7 +170,11 @@ class Trainer:
             task.evaluator(self.rank, self.world_size) if cfg.eval.enabled else None)
         if isinstance(self.evaluator, dict) and not self.evaluator:
             self.evaluator = None
-        self.loader = task.build_loader(self.rank, self._resume(cfg.data.workers))
+        try:
+            self.loader = task.build_loader(self.rank, self._resume(cfg.data.workers))
+        except ValueError as error:  # e.g. a saved position this stream cannot continue
+            raise TrainingAborted(f"the training stream: {' '.join(str(error).split())}",
+                                  every_rank=True) from None
         self.metrics = MetricsLogger(self.run_dir, cfg.model_dump(mode="json"), cfg.log.wandb,
                                      enabled=self.is_main, resume_step=self.step)
         self.flops_per_sample = task.flops_per_sample() if self.is_main else 0.0
