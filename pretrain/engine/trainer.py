@@ -173,8 +173,9 @@ class Trainer:
         try:
             self.loader = task.build_loader(self.rank, self._resume(cfg.data.workers))
         except ValueError as error:  # e.g. a saved position this stream cannot continue
-            raise TrainingAborted(f"the training stream: {' '.join(str(error).split())}",
-                                  every_rank=True) from None
+            # not every_rank: a rank-local cause must still be printed by the rank that met it
+            raise TrainingAborted(f"the training stream: {' '.join(str(error).split())}"
+                                  ) from None
         self.metrics = MetricsLogger(self.run_dir, cfg.model_dump(mode="json"), cfg.log.wandb,
                                      enabled=self.is_main, resume_step=self.step)
         self.flops_per_sample = task.flops_per_sample() if self.is_main else 0.0
