@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -201,16 +202,16 @@ class ResumableStream(IterableDataset):
         """This rank's state on this layout, continuing ``saved`` (every old rank's)."""
         raise ValueError(f"{type(self).__name__} cannot continue on another layout")
 
+    @abstractmethod
     def worker_pass(self, worker: int, start: WorkerPosition) -> WorkerPass:
         """The items logical worker ``worker`` takes from ``start`` on, each with its seed and
         the position after it, with the stream's counts and give-up rule; resuming must cost
         no decoding."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_item(self, item: Item) -> Any:
         """Read and augment one item, raising on bad data (skipped and counted); runs with
         torch's CPU generator and Python's ``random`` seeded from ``item.seed``."""
-        raise NotImplementedError
 
     def logical_worker(self) -> int:
         """The logical worker this DataLoader worker plays. TrainLoader hands out batches
@@ -301,13 +302,13 @@ class FileStream(ResumableStream):
         streak = FailureStreak("train", self.source, self.files, self.skips)
         return FilePass(self.items(worker, start.consumed), start, streak, self.item_path)
 
+    @abstractmethod
     def items(self, worker: int, consumed: int) -> Iterator[Item]:
         """A worker's items from its ``consumed``-th on (see :meth:`dealt`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def item_path(self, source: Any) -> Any:
         """The file an item's source names, for the skip list and the give-up line."""
-        raise NotImplementedError
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
